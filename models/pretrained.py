@@ -1,0 +1,195 @@
+"""Reading TransDiff checkpoints (released ones and ours) into the right model.
+
+A checkpoint is a `checkpoint-*.pth` file holding `model`, `model_ema`, `args` (and, for our runs, more
+training state); a run folder stands for its `checkpoint-last.pth`. The model's configuration is read off
+the state dict itself (widths, depths, mode, resolution), so a checkpoint of another size, mode or
+resolution is refused with a message that says what it holds, never loaded with strict=False.
+"""
+import argparse
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from models.transdiff import MODEL_SIZES, Transdiff
+
+LAST_CHECKPOINT = "checkpoint-last.pth"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def resolve_checkpoint_path(path, step=None):
+    """File path of a checkpoint given a file or a run folder (optionally `checkpoint-<step>.pth`)."""
+    if os.path.isdir(path):
+        name = LAST_CHECKPOINT if step in (None, "last") else f"checkpoint-{step}.pth"
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            found = sorted(f for f in os.listdir(path) if f.startswith("checkpoint") and f.endswith(".pth"))
+            raise CheckpointError(f"no {name} in folder {path}" +
+                                  (f" (it holds {', '.join(found)})" if found else " (it holds no checkpoint)"))
+        return file
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist: give a checkpoint file or a run folder "
+                              f"that holds {LAST_CHECKPOINT}")
+    return path
+
+
+def read_checkpoint(path, step=None, map_location="cpu"):
+    """Load a checkpoint dict from a file or run folder, with one clear error for unreadable files."""
+    file = resolve_checkpoint_path(path, step)
+    try:
+        # Released checkpoints pickle their argparse.Namespace of arguments; allow exactly that.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, foreign pickled objects
+        raise CheckpointError(f"cannot read checkpoint {file}: {type(e).__name__}: {str(e).splitlines()[0]} "
+                              f"(the file may be truncated by an interrupted download or copy, or not be a "
+                              f"TransDiff checkpoint)") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{file} is not a TransDiff checkpoint: expected a dict with a 'model' state dict")
+    return ckpt
+
+
+def checkpoint_args(ckpt):
+    """The training arguments stored in a checkpoint, as a dict (empty if none)."""
+    args = ckpt.get("args")
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, dict) else {}
+
+
+def _count(sd, prefix):
+    ids = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    return max(ids) + 1 if ids else 0
+
+
+def infer_config(sd, vae_embed_dim=16, vae_stride=16):
+    """Transdiff keyword arguments that reproduce the architecture of state dict `sd` (heads excepted)."""
+    try:
+        d = sd["class_emb.weight"].shape[1]
+        token_dim = sd["diffdecoder.net.input_proj.weight"].shape[1]
+        seq_len = sd["diffdecoder.net.diffusion_pos_embed_learned"].shape[1]
+        num_conditions = sd["diffusion_pos_embed_learned"].shape[1]
+        mrar = sd["mask_token"].shape[1] > 1
+        cfg = dict(
+            encoder_embed_dim=d, encoder_depth=_count(sd, "encoder_blocks.") // 2,
+            decoder_embed_dim=sd["diffdecoder.net.input_proj.weight"].shape[0],
+            decoder_depth=_count(sd, "diffdecoder.net.res_blocks."),
+            class_num=sd["class_emb.weight"].shape[0], vae_embed_dim=vae_embed_dim,
+            buffer_size=sd["encoder_pos_embed_learned"].shape[1] - num_conditions, mrar=mrar,
+            mlp_ratio=sd["encoder_blocks.0.mlp.fc1.weight"].shape[0] / d)
+    except KeyError as e:
+        raise CheckpointError(f"state dict is not a TransDiff model: missing {e}") from None
+    patch = math.isqrt(token_dim // vae_embed_dim)
+    cfg["patch_size"] = patch
+    cfg["img_size"] = math.isqrt(seq_len) * patch * vae_stride
+    if not mrar:
+        cfg["num_conditions"] = num_conditions
+    return cfg
+
+
+def size_name(cfg):
+    """Registered size whose widths and depths match `cfg`, or None."""
+    for name, size in MODEL_SIZES.items():
+        if all(cfg.get(k) == size[k] for k in ("encoder_embed_dim", "encoder_depth", "decoder_depth")):
+            return name
+    return None
+
+
+def describe(cfg):
+    name = size_name(cfg) or (f"a custom model (width {cfg['encoder_embed_dim']}, "
+                              f"{cfg['encoder_depth']}/{cfg['decoder_depth']} encoder/decoder depth)")
+    w = cfg["decoder_embed_dim"]
+    width = "" if w == cfg["encoder_embed_dim"] else f", decoder width {w}"
+    return f"{name} {'MRAR' if cfg['mrar'] else '1-Step'} at {cfg['img_size']} px{width}, {cfg['class_num']} classes"
+
+
+def check_compatible(model, sd, source="checkpoint"):
+    """Raise CheckpointError naming both architectures when `sd` does not fit `model` exactly."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    try:
+        theirs = describe(infer_config(sd, model.vae_embed_dim, model.vae_stride))
+    except CheckpointError:
+        theirs = "not a TransDiff state dict"
+    detail = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                       for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+                       if keys)
+    ours = describe(infer_config(own, model.vae_embed_dim, model.vae_stride))
+    raise CheckpointError(f"{source} holds {theirs}, but the model is {ours} "
+                          f"({detail}). Choose --model/--img_size/--mrar to match the checkpoint, or give the "
+                          f"checkpoint of the model you meant.")
+
+
+def pick_weights(ckpt, use_ema=True):
+    """EMA weights when asked for and present; says so when it falls back to the raw weights."""
+    if use_ema:
+        if isinstance(ckpt.get("model_ema"), dict):
+            return ckpt["model_ema"]
+        print("note: the checkpoint holds no EMA weights ('model_ema'); using the raw weights")
+    return ckpt["model"]
+
+
+def load_transdiff(path, model=None, use_ema=True, step=None, map_location="cpu", **overrides):
+    """Load a TransDiff checkpoint (file or run folder) strictly.
+
+    With `model`, its architecture must match the checkpoint's. Without, the model is built from the
+    checkpoint: architecture from the state dict, heads and dropout from the stored args or the size
+    registry, `overrides` on top (e.g. num_sampling_steps). Returns (model, checkpoint dict).
+    """
+    ckpt = read_checkpoint(path, step, map_location)
+    sd = pick_weights(ckpt, use_ema)
+    if model is None:
+        args = checkpoint_args(ckpt)
+        cfg = infer_config(sd, args.get("vae_embed_dim", overrides.get("vae_embed_dim", 16)),
+                           overrides.get("vae_stride", 16))
+        name = size_name(cfg)
+        heads = MODEL_SIZES[name] if name else {}
+        for key in ("encoder_num_heads", "decoder_num_heads"):
+            if key in args:
+                cfg[key] = args[key]
+            elif key in heads:
+                cfg[key] = heads[key]
+            else:
+                raise CheckpointError(f"cannot tell {key} of the custom model in {path}; pass it explicitly")
+        cfg.update(overrides)
+        model = Transdiff(**cfg)
+    check_compatible(model, sd, source=f"checkpoint {path}")
+    model.load_state_dict(sd, strict=True)
+    return model, ckpt
+
+
+def adapt_state_dict(sd, model):
+    """State dict `sd` of a related model turned into one that loads strictly into `model`, for the
+    published fine-tuning starts. Returns (state dict, list of notes on what was adapted).
+
+    - 1-Step -> MRAR: the (1, 1, D) mask token is broadcast to the model's mask block; `z_proj`, which
+      1-Step never used, keeps the model's fresh initialisation.
+    - 256 -> 512 px: the decoder's position embedding is resized on its 2-D grid (bicubic).
+    Anything else that differs is an error.
+    """
+    own = model.state_dict()
+    out, notes = dict(sd), []
+    if sd.get("mask_token") is not None and sd["mask_token"].shape[1] == 1 and own["mask_token"].shape[1] > 1:
+        out["mask_token"] = sd["mask_token"].expand_as(own["mask_token"]).clone()
+        notes.append(f"mask_token broadcast from {tuple(sd['mask_token'].shape)} to {tuple(own['mask_token'].shape)}")
+        for k in ("z_proj.weight", "z_proj.bias"):
+            if k in sd and sd[k].shape != own[k].shape:
+                out[k] = own[k].clone()
+                notes.append(f"{k} freshly initialised {tuple(own[k].shape)} (1-Step checkpoints do not use it)")
+    key = "diffdecoder.net.diffusion_pos_embed_learned"
+    if key in sd and sd[key].shape != own[key].shape and sd[key].shape[2] == own[key].shape[2]:
+        src, dst = math.isqrt(sd[key].shape[1]), math.isqrt(own[key].shape[1])
+        grid = sd[key].reshape(1, src, src, -1).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=(dst, dst), mode="bicubic", align_corners=False)
+        out[key] = grid.permute(0, 2, 3, 1).reshape(1, dst * dst, -1).to(sd[key].dtype)
+        notes.append(f"{key} resized bicubically from a {src}x{src} to a {dst}x{dst} grid")
+    check_compatible(model, out, source="the starting checkpoint")
+    return out, notes

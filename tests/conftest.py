@@ -1,0 +1,29 @@
+"""Shared test helpers: the reference fixtures and their deterministic weights."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def _load_synth():
+    spec = importlib.util.spec_from_file_location("synth", os.path.join(FIXTURES, "synth.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.synth_state_dict
+
+
+synth_state_dict = _load_synth()
+
+
+def load_fixture(name):
+    return torch.load(os.path.join(FIXTURES, name), map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="session")
+def manifests():
+    with open(os.path.join(FIXTURES, "official_state_dicts.json")) as f:
+        return json.load(f)

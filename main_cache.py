@@ -1,0 +1,79 @@
+"""Cache VAE posterior moments of an ImageFolder for --use_cached training.
+
+    torchrun --nproc_per_node=8 main_cache.py --img_size 256 --vae_path ckpt/vae/kl16.ckpt --vae_embed_dim 16 \\
+        --batch_size 128 --data_path ${IMAGENET_PATH} --cached_path ${CACHED_PATH}
+
+Each image gets `<cached_path>/<class>/<file name>.npz` (the layout MAR uses) holding `moments` and
+`moments_flip`: the float32 posterior parameters (mean || logvar, (2C, h, w)) of its ADM centre crop and
+of the mirrored crop. Files are split across ranks, written atomically, and existing ones are skipped, so
+an interrupted run is resumed by running the same command again.
+"""
+import argparse
+import os
+
+import torch
+
+import engine_transdiff as engine
+from models.tokenizers import TOKENIZERS, build_tokenizer
+from util import data
+from util.distributed import all_reduce_sum, barrier, cleanup, init_distributed
+from util.logger import setup_logger
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Cache VAE latents (image and mirror moments)", allow_abbrev=False)
+    p.add_argument("--img_size", type=int, default=256)
+    p.add_argument("--tokenizer", default="kl16", choices=list(TOKENIZERS))
+    p.add_argument("--vae_path", default="pretrained_models/vae/kl16.ckpt")
+    p.add_argument("--vae_embed_dim", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=128, help="images per process and batch")
+    p.add_argument("--data_path", default="./data/imagenet", help="ImageNet root holding train/ (or an ImageFolder)")
+    p.add_argument("--cached_path", required=True)
+    p.add_argument("--num_workers", type=int, default=10)
+    p.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p
+
+
+def check_args(parser, args):
+    if args.batch_size < 1 or args.num_workers < 0:
+        parser.error("--batch_size must be at least 1 and --num_workers not negative")
+    if args.img_size % 16:
+        parser.error(f"--img_size {args.img_size} is not a multiple of the tokenizer stride 16")
+    if not os.path.isfile(args.vae_path):
+        parser.error(f"--vae_path {args.vae_path} is not a file (the KL-16 VAE, kl16.ckpt)")
+    if not os.path.isdir(args.data_path):
+        parser.error(f"--data_path {args.data_path} is not a folder")
+    return args
+
+
+def main(args):
+    dist = init_distributed(args.device)
+    try:
+        log = setup_logger(None, dist.rank)
+        root = data.resolve_train_dir(args.data_path)
+        items = data.scan_folder(root, data.find_classes(root), data.IMG_EXTENSIONS)
+        outs = [os.path.join(args.cached_path, os.path.relpath(path, root) + ".npz") for path, _ in items]
+        mine = [i for i in range(dist.rank, len(items), dist.world_size)]
+        todo = [i for i in mine if not os.path.exists(outs[i])]
+        for folder in sorted({os.path.dirname(outs[i]) for i in todo}):
+            os.makedirs(folder, exist_ok=True)
+        log.info(f"{len(items)} images under {root} -> {args.cached_path} at {args.img_size} px, "
+                 f"{dist.world_size} processes")
+        source = data.CacheSource([items[i][0] for i in todo], args.img_size)
+        loader = torch.utils.data.DataLoader(source, batch_size=args.batch_size, num_workers=args.num_workers,
+                                             pin_memory=args.pin_mem and dist.device.type == "cuda")
+        tokenizer = build_tokenizer(args).to(dist.device)
+        written, unreadable = engine.cache_latents(tokenizer, loader, [outs[i] for i in todo], dist.device,
+                                                   show_progress=dist.is_main)
+        counts = all_reduce_sum(torch.tensor([len(mine) - len(todo), written, unreadable], device=dist.device))
+        present, written, unreadable = counts.tolist()
+        log.info(f"done: {written} written, {present} already cached, {unreadable} unreadable images skipped")
+        barrier()
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    main(check_args(parser, parser.parse_args()))

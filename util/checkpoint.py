@@ -1,0 +1,80 @@
+"""Writing run checkpoints atomically, and the random-number state an exact resume needs.
+
+A checkpoint keeps the released entries (model, model_ema, optimizer, epoch, args, scaler) and adds
+`train_state` (where in the epoch the run stopped) and `rng` (one entry per rank, indexed by rank). Files
+are written to a temporary name in the same folder and renamed, so a crash never leaves a torn
+checkpoint-last.pth; numbered checkpoints are never deleted.
+"""
+import json
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+LAST = "checkpoint-last.pth"
+
+
+def checkpoint_name(epochs_done=None):
+    """checkpoint-last.pth, or checkpoint-<epochs completed>.pth."""
+    return LAST if epochs_done is None else f"checkpoint-{epochs_done}.pth"
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto `path`; the temporary file is removed on failure."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path, payload):
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def save_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    atomic_write(path, write)
+
+
+def capture_rng(device=None):
+    """This process's RNG states in types that torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "python": random.getstate(),
+    }
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state, device=None):
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device is not None and torch.device(device).type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,95 @@
+"""One code path for a plain process and for torchrun (env:// rendezvous), on one node or many.
+
+The device comes from LOCAL_RANK (never from the global rank, which is wrong beyond one node); the backend
+is NCCL on GPU and gloo on CPU. Without torchrun's variables everything degrades to world size 1 and the
+collectives below become no-ops.
+"""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def resolve_device(name, local_rank=0):
+    """torch.device for --device ('auto', 'cpu', 'cuda'), bound to this process's local GPU."""
+    if name in (None, "auto"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda":
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but no CUDA device is visible")
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible on "
+                           f"this node: --nproc_per_node must not exceed the GPU count")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device="auto", timeout_minutes=30):
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = resolve_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size():
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def barrier():
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """In-place sum over ranks (returns the tensor for chaining)."""
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_object(obj):
+    if not is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src=0):
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def cleanup():
+    if is_initialized():
+        dist.destroy_process_group()

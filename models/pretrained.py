@@ -71,15 +71,19 @@ def infer_config(sd, vae_embed_dim=16, vae_stride=16):
     try:
         d = sd["class_emb.weight"].shape[1]
         token_dim = sd["diffdecoder.net.input_proj.weight"].shape[1]
-        seq_len = sd["diffdecoder.net.diffusion_pos_embed_learned"].shape[1]
         num_conditions = sd["diffusion_pos_embed_learned"].shape[1]
         mrar = sd["mask_token"].shape[1] > 1
+        decoder = "mlp" if "diffdecoder.net.res_blocks.0.in_ln.weight" in sd else "transformer"
+        # the MLP head has no position embedding to read its token count from: it equals the condition count
+        # up to 256 px; load_transdiff takes img_size from the checkpoint's args when they hold it
+        seq_len = (sd["diffdecoder.net.diffusion_pos_embed_learned"].shape[1] if decoder == "transformer"
+                   else num_conditions)
         cfg = dict(
             encoder_embed_dim=d, encoder_depth=_count(sd, "encoder_blocks.") // 2,
             decoder_embed_dim=sd["diffdecoder.net.input_proj.weight"].shape[0],
             decoder_depth=_count(sd, "diffdecoder.net.res_blocks."),
             class_num=sd["class_emb.weight"].shape[0], vae_embed_dim=vae_embed_dim,
-            buffer_size=sd["encoder_pos_embed_learned"].shape[1] - num_conditions, mrar=mrar,
+            buffer_size=sd["encoder_pos_embed_learned"].shape[1] - num_conditions, mrar=mrar, decoder=decoder,
             mlp_ratio=sd["encoder_blocks.0.mlp.fc1.weight"].shape[0] / d)
     except KeyError as e:
         raise CheckpointError(f"state dict is not a TransDiff model: missing {e}") from None
@@ -104,7 +108,9 @@ def describe(cfg):
                               f"{cfg['encoder_depth']}/{cfg['decoder_depth']} encoder/decoder depth)")
     w = cfg["decoder_embed_dim"]
     width = "" if w == cfg["encoder_embed_dim"] else f", decoder width {w}"
-    return f"{name} {'MRAR' if cfg['mrar'] else '1-Step'} at {cfg['img_size']} px{width}, {cfg['class_num']} classes"
+    head = ", MLP head" if cfg.get("decoder") == "mlp" else ""
+    return (f"{name} {'MRAR' if cfg['mrar'] else '1-Step'} at {cfg['img_size']} px{width}{head}, "
+            f"{cfg['class_num']} classes")
 
 
 def check_compatible(model, sd, source="checkpoint"):
@@ -150,6 +156,8 @@ def load_transdiff(path, model=None, use_ema=True, step=None, map_location="cpu"
         args = checkpoint_args(ckpt)
         cfg = infer_config(sd, args.get("vae_embed_dim", overrides.get("vae_embed_dim", 16)),
                            overrides.get("vae_stride", 16))
+        if cfg["decoder"] == "mlp" and "img_size" in args:
+            cfg["img_size"] = args["img_size"]
         name = size_name(cfg)
         heads = MODEL_SIZES[name] if name else {}
         for key in ("encoder_num_heads", "decoder_num_heads"):

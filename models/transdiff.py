@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.blocks import EncoderBlock
 from models.diffdecoder import DecoderNet, DiffDecoder
+from models.mlp_head import MLPHeadNet
 
 # The released encoder emits 256 condition tokens, at 256 px and at 512 px alike.
 DEFAULT_MAX_CONDITIONS = 256
@@ -47,7 +48,8 @@ class Transdiff(nn.Module):
                  mlp_ratio=4., vae_embed_dim=16, label_drop_prob=0.1, class_num=1000,
                  attn_dropout=0.1, proj_dropout=0.1, buffer_size=64, num_sampling_steps='100',
                  diffusion_batch_mul=4, grad_checkpointing=False, mrar=False,
-                 vae_stride=16, num_conditions=None, norm_eps=1e-6, mrar_images=4, mrar_ref_patch=2):
+                 vae_stride=16, num_conditions=None, norm_eps=1e-6, mrar_images=4, mrar_ref_patch=2,
+                 decoder="transformer"):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if img_size % vae_stride:
@@ -96,9 +98,16 @@ class Transdiff(nn.Module):
             EncoderBlock(d, encoder_num_heads, mlp_ratio, True, norm_eps, attn_dropout, proj_dropout)
             for _ in range(2 * encoder_depth)])  # released: `encoder_depth` counts pairs of blocks
         self.encoder_norm = nn.LayerNorm(d, eps=norm_eps)
-        self.diffdecoder = DiffDecoder(DecoderNet(
-            self.token_embed_dim, d, decoder_embed_dim, decoder_depth, decoder_num_heads, self.seq_len,
-            mlp_ratio, norm_eps, attn_dropout, proj_dropout, grad_checkpointing))
+        self.decoder = decoder
+        if decoder == "transformer":
+            net = DecoderNet(self.token_embed_dim, d, decoder_embed_dim, decoder_depth, decoder_num_heads,
+                             self.seq_len, mlp_ratio, norm_eps, attn_dropout, proj_dropout, grad_checkpointing)
+        elif decoder == "mlp":  # per-token ablation head: each latent token sees its own condition
+            net = MLPHeadNet(self.token_embed_dim, d, decoder_embed_dim, decoder_depth, self.seq_len,
+                             mask_len if mrar else self.num_conditions, norm_eps, grad_checkpointing)
+        else:
+            raise ValueError(f"unknown decoder '{decoder}'; choose 'transformer' or 'mlp'")
+        self.diffdecoder = DiffDecoder(net)
         if mrar:
             sizes = [buffer_size] + [self.ref_tokens] * mrar_images
             self.register_buffer("attn_mask", block_causal_mask(sizes), persistent=False)

@@ -4,11 +4,50 @@ Module and parameter names follow the released checkpoints (see tests/fixtures/o
 All attention goes through scaled_dot_product_attention.
 """
 import math
+import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
+
+# Inference on CPU in fp32: the linear layers go through oneDNN, with the bias (and GELU where it follows)
+# fused into the matrix product and the weight kept in oneDNN's blocked layout between calls. On x86 this is
+# faster than the BLAS path of F.linear (which writes the bias in a separate pass) and the same to fp32
+# rounding. Used only without autograd and outside autocast and torch.compile (whose CPU backend picks its
+# own kernels); everything else takes F.linear. Set ONEDNN_LINEAR to False to compare.
+ONEDNN_LINEAR = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+_packed_weights = weakref.WeakKeyDictionary()  # nn.Linear -> (weight, its storage and version, packed weight)
+
+
+def _packed_weight(layer):
+    """The layer's weight reordered for oneDNN, redone whenever the weight changes: in-place updates
+    (optimizer steps, load_state_dict, copy_ under no_grad) bump its version, replacing it changes its storage.
+    Writes through `.data` bypass the version counter: call `clear_packed_weights()` after those."""
+    w = layer.weight
+    ident = (w.data_ptr(), w._version, w.shape)
+    entry = _packed_weights.get(layer)
+    if entry is None or entry[0]() is not w or entry[1] != ident:
+        entry = (weakref.ref(w), ident, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
+        _packed_weights[layer] = entry
+    return entry[2]
+
+
+def clear_packed_weights():
+    _packed_weights.clear()
+
+
+def linear(x, layer, gelu=False):
+    """layer(x) (an nn.Linear), optionally followed by exact GELU, through the fastest path available."""
+    if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and layer.weight.dtype == x.dtype
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()):
+        w = _packed_weight(layer)
+        return torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "gelu" if gelu else "none", [],
+                                                  "none" if gelu else "")
+    y = F.linear(x, layer.weight, layer.bias)
+    return F.gelu(y) if gelu else y
 
 
 def _heads(x, num_heads):
@@ -34,17 +73,19 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, attn_mask=None):
         b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = linear(x, self.qkv).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(_merge(x)))
+        return self.proj_drop(linear(_merge(x), self.proj))
 
 
 class CrossAttention(nn.Module):
     """Queries from the latent tokens, keys/values from the condition tokens.
 
     `kv(c)` is split out so a sampler can compute the keys and values of fixed conditions once per image
-    instead of once per step.
+    instead of once per step. x may hold m latent sequences per condition sequence (B*m vs B), each
+    condition's m sequences adjacent (training with `diffusion_batch_mul` m): they attend to the same keys
+    and values as one query sequence m times longer, so the keys and values are never repeated.
     """
 
     def __init__(self, dim, num_heads, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
@@ -58,16 +99,17 @@ class CrossAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def kv(self, c):
-        return _heads(self.wk(c), self.num_heads), _heads(self.wv(c), self.num_heads)
+        return _heads(linear(c, self.wk), self.num_heads), _heads(linear(c, self.wv), self.num_heads)
 
     def forward(self, x, kv):
         k, v = kv
-        q = _heads(self.wq(x), self.num_heads)
-        if k.shape[0] != q.shape[0]:
-            raise ValueError(f"{q.shape[0]} latent sequences but {k.shape[0]} condition sequences")
+        b, n, c = x.shape
+        if b % k.shape[0]:
+            raise ValueError(f"{b} latent sequences but {k.shape[0]} condition sequences (need a multiple)")
+        q = linear(x, self.wq).view(k.shape[0], -1, self.num_heads, c // self.num_heads).transpose(1, 2)
         x = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
                                            dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(_merge(x)))
+        return self.proj_drop(linear(_merge(x).view(b, n, c), self.proj))
 
 
 class EncoderBlock(nn.Module):
@@ -82,11 +124,28 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x, attn_mask=None):
         x = x + self.attn(self.norm1(x), attn_mask)
-        return x + self.mlp(self.norm2(x))
+        if torch.is_grad_enabled() or self.training:
+            return x + self.mlp(self.norm2(x))
+        return x.add_(linear(linear(self.norm2(x), self.mlp.fc1, gelu=True), self.mlp.fc2))
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
+    """x * (1 + scale) + shift in one fused op."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def _modulated_norm(norm, x, shift, scale):
+    """norm(x) * (1 + scale) + shift without autograd (inference): when the modulation is the same for every
+    sample (shape (1, 1, W), as in sampling, where all samples share t) it is folded into the LayerNorm's own
+    weight and bias, so the whole thing is one pass over x."""
+    c = x.shape[-1]
+    if shift.shape[0] == 1:
+        weight, bias = 1 + scale, shift
+        if norm.weight is not None:
+            weight, bias = norm.weight * weight, torch.addcmul(shift, norm.bias, weight)
+        return F.layer_norm(x, (c,), weight.reshape(c), bias.reshape(c), norm.eps)
+    h = norm(x)
+    return h.mul_(1 + scale).add_(shift)
 
 
 class DecoderBlock(nn.Module):
@@ -107,11 +166,21 @@ class DecoderBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
 
     def forward(self, x, t6, kv):
-        """x (B, L, W); t6 (B, 6, W) time projection; kv the cross-attention keys/values."""
+        """x (B, L, W); t6 (B or 1, 6, W) time projection; kv the cross-attention keys/values."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table + t6).to(x.dtype).chunk(6, dim=1)
-        x = x + gate1 * self.attn1(modulate(self.norm1(x), shift1, scale1))
+        x = torch.addcmul(x, gate1, self.attn1(modulate(self.norm1(x), shift1, scale1)))
         x = x + self.attn2(self.norm2(x), kv)
-        return x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
+        return torch.addcmul(x, gate2, self.mlp(modulate(self.norm3(x), shift2, scale2)))
+
+    def forward_inference_(self, x, t6, kv):
+        """The same function for inference (no autograd, eval mode): updates x in place and returns it.
+        Modulation is folded into the LayerNorms when all samples share t, residual adds are fused with the
+        gates (addcmul_), and on CPU the linear layers carry their bias and GELU (see `linear`)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table + t6).to(x.dtype).chunk(6, dim=1)
+        x.addcmul_(self.attn1(_modulated_norm(self.norm1, x, shift1, scale1)), gate1)
+        x.add_(self.attn2(self.norm2(x), kv))
+        h = linear(_modulated_norm(self.norm3, x, shift2, scale2), self.mlp.fc1, gelu=True)
+        return x.addcmul_(linear(h, self.mlp.fc2), gate2)
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
@@ -155,4 +224,6 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, temb):
         shift, scale = (self.scale_shift_table + temb[:, None]).to(x.dtype).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        if torch.is_grad_enabled():
+            return self.linear(modulate(self.norm_final(x), shift, scale))
+        return linear(_modulated_norm(self.norm_final, x, shift, scale), self.linear)

@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffusion.flow import flow_matching_loss
 from diffusion.samplers import sample as run_sampler
-from models.blocks import DecoderBlock, FinalLayer, TimeEmbedding
+from models.blocks import DecoderBlock, FinalLayer, TimeEmbedding, linear
 
 
 class DecoderNet(nn.Module):
@@ -45,30 +45,47 @@ class DecoderNet(nn.Module):
 
     def condition_kv(self, c):
         """Per-block cross-attention keys/values of conditions c (B, N, cond_dim)."""
-        c = self.cond_embed(c)
+        c = linear(c, self.cond_embed)
         return [blk.attn2.kv(c) for blk in self.res_blocks]
 
     def forward(self, x, c, t, cond_kv=None):
-        """Velocity for latent tokens x (B, L, token_dim) at times t (B,) on the 0..1000 scale.
+        """Velocity for latent tokens x (B, L, token_dim) at times t on the 0..1000 scale: shape (B,), or (1,)
+        / a scalar when every sample is at the same time (sampling), which computes the time embedding once.
 
-        Pass either the conditions `c` or their precomputed `cond_kv` (from `condition_kv`)."""
+        Pass either the conditions `c` or their precomputed `cond_kv` (from `condition_kv`). Without autograd
+        and in eval mode the blocks run an in-place inference path (same function, fewer passes over memory)."""
         if x.shape[1:] != (self.seq_len, self.token_dim):
             raise ValueError(f"decoder expects latent tokens of shape (B, {self.seq_len}, {self.token_dim}), "
                              f"got {tuple(x.shape)}")
+        t = t.reshape(-1)
+        if t.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"t must hold one time or one per sample ({x.shape[0]}), got {t.shape[0]}")
         if cond_kv is None:
             cond_kv = self.condition_kv(c)
         temb, t6 = self.time_embed(t)
-        x = self.input_proj(x) + self.diffusion_pos_embed_learned
-        for blk, kv in zip(self.res_blocks, cond_kv):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, t6, kv, use_reentrant=False)
-            else:
-                x = blk(x, t6, kv)
+        if torch.is_grad_enabled() or self.training:
+            x = self.input_proj(x) + self.diffusion_pos_embed_learned
+            for blk, kv in zip(self.res_blocks, cond_kv):
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(blk, x, t6, kv, use_reentrant=False)
+                else:
+                    x = blk(x, t6, kv)
+        else:
+            x, pos = linear(x, self.input_proj), self.diffusion_pos_embed_learned
+            x = x.add_(pos) if x.dtype == pos.dtype else x + pos  # under autocast: promote to fp32
+            for blk, kv in zip(self.res_blocks, cond_kv):
+                x = blk.forward_inference_(x, t6, kv)
         return self.final_layer(x, temb)
 
 
-def _repeat_batch(kv, n):
-    return [(k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in kv] if n > 1 else kv
+def compile_model(model, **kwargs):
+    """torch.compile, in place, the parts of a Transdiff model (or a bare DecoderNet) that run often: the
+    decoder network and the encoder blocks. Modules keep their names, so state dicts and checkpoints are
+    unchanged. kwargs go to torch.compile (e.g. mode="max-autotune")."""
+    nets = [model] if isinstance(model, DecoderNet) else [model.diffdecoder.net, *getattr(model, "encoder_blocks", [])]
+    for net in nets:
+        net.compile(**kwargs)
+    return model
 
 
 class DiffDecoder(nn.Module):
@@ -78,13 +95,21 @@ class DiffDecoder(nn.Module):
 
     def loss(self, target, c, batch_mul=1):
         """Flow-matching loss for target tokens (B, L, C) given conditions (B, N, D); each pair is used
-        `batch_mul` times with independent noise and t (the conditions' keys/values are computed once)."""
-        kv = _repeat_batch(self.net.condition_kv(c), batch_mul)
-        x0 = target.repeat(batch_mul, 1, 1) if batch_mul > 1 else target
+        `batch_mul` times with independent noise and t. The conditions' keys/values are computed once and not
+        repeated: the repeats of each target are adjacent, and their queries attend to those keys together."""
+        kv = self.net.condition_kv(c)
+        x0 = target.repeat_interleave(batch_mul, dim=0) if batch_mul > 1 else target
         return flow_matching_loss(lambda x, t: self.net(x, None, t, cond_kv=kv), x0)
 
-    def sample(self, c, noise, num_steps, cfg=1.0, sampler="maruyama", scale_0=1.0, scale_1=1.0, generator=None):
-        """Integrate from `noise` (B, L, C). Under CFG, c holds 2B sequences: conditional, then unconditional."""
-        kv = self.net.condition_kv(c)
-        return run_sampler(lambda x, t: self.net(x, None, t, cond_kv=kv), noise, num_steps, cfg, sampler,
-                           scale_0, scale_1, generator)
+    def sample(self, c, noise, num_steps, cfg=1.0, sampler="maruyama", scale_0=1.0, scale_1=1.0, generator=None,
+               cache_kv=True):
+        """Integrate from `noise` (B, L, C). Under CFG, c holds 2B sequences: conditional, then unconditional.
+
+        The cross-attention keys/values of the conditions are computed once (`cache_kv`, the default); with
+        cache_kv=False every step recomputes them (same result, for benchmarks and tests)."""
+        if cache_kv:
+            kv = self.net.condition_kv(c)
+            velocity = lambda x, t: self.net(x, None, t, cond_kv=kv)  # noqa: E731
+        else:
+            velocity = lambda x, t: self.net(x, c, t)  # noqa: E731
+        return run_sampler(velocity, noise, num_steps, cfg, sampler, scale_0, scale_1, generator)

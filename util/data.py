@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from util.checkpoint import atomic_write
 from util.logger import LOGGER_NAME
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -84,6 +85,31 @@ def read_mrar_index(path, group=4):
     return rows
 
 
+def build_mrar_rows(data_path, seed=0, repeats=1, group=4):
+    """MRAR index rows {"cate", "files"} for an ImageFolder: each class's images shuffled with `seed` and cut
+    into groups of `group` (a smaller remainder is dropped); `repeats` passes, each with a new shuffle."""
+    root = resolve_train_dir(data_path)
+    classes = find_classes(root)
+    rng = np.random.default_rng(seed)
+    by_class = {c: [] for c in classes}
+    for path, label in scan_folder(root, classes, IMG_EXTENSIONS):
+        by_class[classes[label]].append(os.path.relpath(path, os.path.join(root, classes[label])))
+    rows = []
+    for _ in range(repeats):
+        for cate in classes:
+            files = [by_class[cate][i] for i in rng.permutation(len(by_class[cate]))]
+            rows += [{"cate": cate, "files": files[i:i + group]} for i in range(0, len(files) - group + 1, group)]
+    return rows, root
+
+
+def write_mrar_index(path, rows):
+    """Write the JSON-lines index atomically (a reader never sees half a file)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    atomic_write(path, write)
+
+
 # ------------------------------------------------------------------ reading and augmentation
 def sample_rng(seed, epoch, index):
     return np.random.default_rng((seed, epoch, index))
@@ -102,15 +128,16 @@ def to_tensor(img):
     return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def random_crop_flip(img, size, rng):
-    """The published augmentation: random square crop of side min(h, w), bicubic resize, horizontal flip."""
+def random_crop_flip(img, size, rng, hflip=True):
+    """The published augmentation: random square crop of side min(h, w), bicubic resize, horizontal flip
+    (`hflip`: off for data whose mirror image is not a sample of the class, such as digits)."""
     w, h = img.size
     side = min(w, h)
     left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
     img = img.crop((left, top, left + side, top + side))
     if side != size:
         img = img.resize((size, size), Image.BICUBIC)
-    if rng.random() < 0.5:
+    if hflip and rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return img
 
@@ -127,13 +154,13 @@ def center_crop_arr(img, size):
     return Image.fromarray(arr[y:y + size, x:x + size])
 
 
-def read_image(path, rng, size):
-    return to_tensor(random_crop_flip(load_rgb(path), size, rng))
+def read_image(path, rng, size, hflip=True):
+    return to_tensor(random_crop_flip(load_rgb(path), size, rng, hflip))
 
 
-def read_moments(path, rng):
-    """Cached posterior parameters of the image or of its mirror, picked at random."""
-    key = "moments" if rng.random() < 0.5 else "moments_flip"
+def read_moments(path, rng, hflip=True):
+    """Cached posterior parameters of the image or (with `hflip`) of its mirror, picked at random."""
+    key = "moments_flip" if hflip and rng.random() >= 0.5 else "moments"
     try:
         with np.load(path) as data:
             return torch.from_numpy(np.asarray(data[key], dtype=np.float32))
@@ -176,20 +203,22 @@ class TrainSamples(Dataset):
                            f"check the data folder")
 
 
-def image_folder(data_path, img_size, class_num=None, seed=0):
+def image_folder(data_path, img_size, class_num=None, seed=0, hflip=True):
     root = resolve_train_dir(data_path)
     classes = find_classes(root, class_num)
     items = scan_folder(root, classes, IMG_EXTENSIONS)
-    return TrainSamples(items, partial(read_image, size=img_size), seed, f"images under {root}"), classes
+    read = partial(read_image, size=img_size, hflip=hflip)
+    return TrainSamples(items, read, seed, f"images under {root}"), classes
 
 
-def cached_folder(cached_path, class_num=None, seed=0):
+def cached_folder(cached_path, class_num=None, seed=0, hflip=True):
     classes = find_classes(cached_path, class_num)
     items = scan_folder(cached_path, classes, (".npz",))
-    return TrainSamples(items, read_moments, seed, f"cached latents (.npz) under {cached_path}"), classes
+    read = partial(read_moments, hflip=hflip)
+    return TrainSamples(items, read, seed, f"cached latents (.npz) under {cached_path}"), classes
 
 
-def mrar_dataset(index_file, root, class_num=None, seed=0, img_size=None, cached=False):
+def mrar_dataset(index_file, root, class_num=None, seed=0, img_size=None, cached=False, hflip=True):
     """Rows of four same-class images (or their cached moments, `<root>/<synset>/<name>.npz`)."""
     classes = find_classes(root, class_num)
     class_id = {c: i for i, c in enumerate(classes)}
@@ -198,7 +227,7 @@ def mrar_dataset(index_file, root, class_num=None, seed=0, img_size=None, cached
         if cate not in class_id:
             raise ValueError(f"MRAR index {index_file}, row {n}: class {cate} is not a folder of {root}")
         items.append(([os.path.join(root, cate, f + (".npz" if cached else "")) for f in files], class_id[cate]))
-    read = read_moments if cached else partial(read_image, size=img_size)
+    read = partial(read_moments, hflip=hflip) if cached else partial(read_image, size=img_size, hflip=hflip)
     return TrainSamples(items, read, seed, f"MRAR rows of {index_file}"), classes
 
 

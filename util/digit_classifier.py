@@ -1,0 +1,113 @@
+"""A small CNN digit classifier that judges generated digits: trained on held-out real digits the
+generator never saw, it reports how often a generated image is read as the class it was asked for.
+
+Real digits reach it by the path the generator's training data takes (resized to the run's image size by
+the data pipeline), generated ones come at that size: both are then brought to the classifier's input
+side the same way, so its accuracy on real digits is the yardstick for its accuracy on generated ones.
+"""
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from util.checkpoint import atomic_write
+from util.data import IMG_EXTENSIONS, center_crop_arr
+
+INPUT_SIDE = 28  # MNIST's own resolution
+TRAINING = dict(epochs=10, batch_size=64, lr=2e-3, seed=0)
+
+
+class DigitClassifier(nn.Sequential):
+    def __init__(self, num_classes=10):
+        super().__init__(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * (INPUT_SIDE // 4) ** 2, 128), nn.ReLU(),
+            nn.Linear(128, num_classes))
+
+
+def to_classifier_input(images):
+    """Images (N, C, H, W) in [-1, 1] (RGB or grey, any size) -> (N, 1, 28, 28) grey in [-1, 1]."""
+    x = images.float().mean(dim=1, keepdim=True)
+    if x.shape[-2:] != (INPUT_SIDE, INPUT_SIDE):
+        x = F.interpolate(x, size=(INPUT_SIDE, INPUT_SIDE), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def load_image_folder(folder, size=None):
+    """All images of a class-per-folder tree as (N, 1, H, W) in [-1, 1] and their labels (sorted class
+    order); with `size`, each is first brought to size x size as the training data pipeline does."""
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for file in sorted(os.listdir(os.path.join(folder, name))):
+            if not file.lower().endswith(IMG_EXTENSIONS):
+                continue
+            with Image.open(os.path.join(folder, name, file)) as im:
+                im = im.convert("L")
+                images.append(np.asarray(center_crop_arr(im, size) if size else im, dtype=np.float32))
+            labels.append(label)
+    x = torch.from_numpy(np.stack(images))[:, None] / 127.5 - 1.0
+    return x, torch.tensor(labels)
+
+
+def _shift(x, generator, max_shift=2):
+    """Random translation by up to `max_shift` pixels: cheap augmentation for a small training set."""
+    dx, dy = (torch.randint(-max_shift, max_shift + 1, (2,), generator=generator)).tolist()
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+def train_digit_classifier(images, labels, epochs, batch_size, lr, seed=0):
+    """Train on (N, C, H, W) images in [-1, 1]; deterministic for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():  # dropout draws from the global RNG: leave the caller's stream alone
+        torch.manual_seed(seed)
+        x, y = to_classifier_input(images), labels
+        model = DigitClassifier(int(labels.max()) + 1)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        for _ in range(epochs):
+            model.train()
+            order = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), batch_size):
+                idx = order[i:i + batch_size]
+                loss = F.cross_entropy(model(_shift(x[idx], g)), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy_report(model, images, labels, batch_size=512):
+    """{'accuracy': overall, 'per_class': {class: accuracy}, 'num_images': N} of the classifier on images."""
+    pred = torch.cat([model(to_classifier_input(images[i:i + batch_size])).argmax(1)
+                      for i in range(0, len(images), batch_size)])
+    correct = (pred == labels).float()
+    per_class = {int(c): round(correct[labels == c].mean().item(), 4) for c in labels.unique()}
+    return {"accuracy": round(correct.mean().item(), 4), "per_class": per_class, "num_images": len(labels)}
+
+
+def load_or_train(data_root, img_size, log=print):
+    """The judge for digits of `img_size` px: trained on <data_root>/heldout, checked on <data_root>/train (the
+    generator's real data), cached as <data_root>/classifier_<img_size>px.pt. Returns (model, summary)."""
+    path = os.path.join(data_root, f"classifier_{img_size}px.pt")
+    key = {"img_size": int(img_size), "input_side": INPUT_SIDE, **TRAINING}
+    if os.path.isfile(path):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("key") == key:
+            model = DigitClassifier(saved["num_classes"])
+            model.load_state_dict(saved["model"])
+            return model.eval(), saved["summary"]
+    x, y = load_image_folder(os.path.join(data_root, "heldout"), img_size)
+    model = train_digit_classifier(x, y, **TRAINING)
+    real = accuracy_report(model, *load_image_folder(os.path.join(data_root, "train"), img_size))
+    summary = {"trained_on": len(y), "real_accuracy": real["accuracy"], "real_per_class": real["per_class"],
+               "real_images": real["num_images"], "file": os.path.abspath(path)}
+    log(f"trained the digit classifier on {len(y)} held-out real digits: it reads {real['accuracy']:.1%} of the "
+        f"{real['num_images']} real training digits right")
+    payload = {"key": key, "num_classes": int(y.max()) + 1, "model": model.state_dict(), "summary": summary}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return model, summary

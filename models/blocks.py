@@ -3,6 +3,7 @@
 Module and parameter names follow the released checkpoints (see tests/fixtures/official_state_dicts.json).
 All attention goes through scaled_dot_product_attention.
 """
+import functools
 import math
 import weakref
 
@@ -38,14 +39,26 @@ def clear_packed_weights():
     _packed_weights.clear()
 
 
+@functools.cache
+def _onednn_works():
+    """Once per process: do these kernels run here (some builds or CPUs lack them)?"""
+    try:
+        w = torch.ones(4, 8)
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8), torch.ops.mkldnn._reorder_linear_weight(w),
+                                               torch.zeros(4), "gelu", [], "none")
+        return bool(torch.allclose(y, F.gelu(torch.full((2, 4), 8.0))))
+    except RuntimeError:
+        return False
+
+
 def linear(x, layer, gelu=False):
     """layer(x) (an nn.Linear), optionally followed by exact GELU, through the fastest path available."""
     if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and layer.weight.dtype == x.dtype
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()):
-        w = _packed_weight(layer)
-        return torch.ops.mkldnn._linear_pointwise(x, w, layer.bias, "gelu" if gelu else "none", [],
-                                                  "none" if gelu else "")
+        if _onednn_works():
+            return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(layer), layer.bias,
+                                                      "gelu" if gelu else "none", [], "none" if gelu else "")
     y = F.linear(x, layer.weight, layer.bias)
     return F.gelu(y) if gelu else y
 

@@ -36,9 +36,11 @@ MRAR_INDEX_REPEATS = 4
 GRID_NAME, REPORT_NAME = "samples_grid.png", "digits_quality.json"
 
 # main.py flag defaults of each preset (flags given on the command line win). 32 px digits are 4 x 4 tokens of
-# 8 x 8 grey pixels; the model is tiny and trains about 1,200 steps of 128 images, so that data, training and
-# report together take well under 10 minutes on 2 CPU cores (README.md gives the measured figures). A short
-# run wants a high learning rate, a fast EMA and no dropout; cfg 4 makes the digits read as their class.
+# 8 x 8 grey pixels (not 8 x 8 tokens grouped by --patch_size 2: MRAR decodes single latent cells, as released,
+# and 16 tokens keep both modes at the same cost per image). The model is tiny and trains about 1,200 steps of
+# 128 images, so that data, training and report together take well under 10 minutes on 2 CPU cores (README.md
+# gives the measured figures). A short run wants a high learning rate, a fast EMA and no dropout; cfg 4 makes
+# the digits read as their class.
 _COMMON = dict(
     tokenizer="pixel", pixel_patch=8, pixel_channels=1, img_size=32, class_num=10, data_path="data/digits",
     hflip=False, model="transdiff_tiny", diffloss_w=128, diffloss_d=2, buffer_size=16, patch_size=1,

@@ -17,7 +17,7 @@ Typical use (the engine, after writing the PNGs)::
                         feature_extractor_weights_path=args.fid_weights, device=device)
     m["fid"], m["inception_score_mean"]
 
-Nothing here calls ``.cuda()``: pass ``device``. The statistics are computed in float64.
+No device is hard-coded here: pass ``device``. The statistics are computed in float64.
 """
 
 from __future__ import annotations

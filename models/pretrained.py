@@ -1,20 +1,46 @@
-"""Reading TransDiff checkpoints (released ones and ours) into the right model.
+"""Reading TransDiff checkpoints (released ones and ours) into the right model, and writing inference exports.
 
 A checkpoint is a `checkpoint-*.pth` file holding `model`, `model_ema`, `args` (and, for our runs, more
 training state); a run folder stands for its `checkpoint-last.pth`. The model's configuration is read off
-the state dict itself (widths, depths, mode, resolution), so a checkpoint of another size, mode or
-resolution is refused with a message that says what it holds, never loaded with strict=False.
+the state dict itself (widths, depths, mode, resolution) and the tokenizer's geometry off the stored args, so
+a checkpoint of another size, mode or resolution is refused with a message that says what it holds, never
+loaded with strict=False.
+
+An inference export (`tools/export.py`) is a `.safetensors` file of one set of weights whose metadata holds
+the model's constructor arguments (`config`), the training args (`args`, JSON) and which weights they are;
+it is read without unpickling anything.
 """
 import argparse
+import json
 import math
 import os
+import tempfile
 
 import torch
 import torch.nn.functional as F
 
+from models.tokenizers import TOKENIZER_ARGS, build_tokenizer, tokenizer_geometry, tokenizer_needs_weights
 from models.transdiff import MODEL_SIZES, Transdiff
 
 LAST_CHECKPOINT = "checkpoint-last.pth"
+EXPORT_SUFFIX = ".safetensors"
+EXPORT_FORMAT = "transdiff-inference-1"
+DEFAULT_VAE_PATH = "ckpt/vae/kl16.ckpt"  # where README.md puts the released KL-16 VAE
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The paper's sampling settings (cfg, scale_0, scale_1) of each released model, by (size, MRAR, pixels): the
+# README's "Released models" table and SPEC.md section 4. All use 100 sampler steps.
+PUBLISHED_SAMPLING = {
+    ("transdiff_base", False, 256): (1.30, 0.87, 0.91),
+    ("transdiff_large", False, 256): (1.30, 0.89, 0.95),
+    ("transdiff_huge", False, 256): (1.23, 0.87, 0.93),
+    ("transdiff_base", True, 256): (1.30, 0.87, 0.91),
+    ("transdiff_large", True, 256): (1.30, 0.91, 0.93),
+    ("transdiff_huge", True, 256): (1.28, 0.87, 0.91),
+    ("transdiff_large", False, 512): (1.30, 0.87, 0.87),
+}
+PUBLISHED_STEPS = 100
+RELEASED_CLASS_NUM = 1000
 
 
 class CheckpointError(RuntimeError):
@@ -143,35 +169,156 @@ def pick_weights(ckpt, use_ema=True):
     return ckpt["model"]
 
 
+def is_export(path):
+    return str(path).endswith(EXPORT_SUFFIX)
+
+
+def tokenizer_settings(args):
+    """The tokenizer arguments stored in `args` (a dict); checkpoints that predate --tokenizer used KL-16."""
+    return {"tokenizer": "kl16", **{k: args[k] for k in TOKENIZER_ARGS if args.get(k) is not None}}
+
+
+def model_config(ckpt, sd, path, overrides=None):
+    """Transdiff keyword arguments that rebuild the model of checkpoint `ckpt` holding weights `sd`."""
+    overrides = dict(overrides or {})
+    if "config" in ckpt:  # an export: the constructor arguments themselves
+        return {**ckpt["config"], **overrides}
+    args = checkpoint_args(ckpt)
+    stride, embed_dim = tokenizer_geometry(argparse.Namespace(**tokenizer_settings(args)))
+    stride, embed_dim = overrides.get("vae_stride", stride), overrides.get("vae_embed_dim", embed_dim)
+    cfg = infer_config(sd, embed_dim, stride)
+    cfg["vae_stride"] = stride
+    if cfg["decoder"] == "mlp" and "img_size" in args:
+        cfg["img_size"] = args["img_size"]
+    if args.get("num_sampling_steps") not in (None, ""):
+        cfg["num_sampling_steps"] = args["num_sampling_steps"]
+    # main.py builds the registered size that --model names (with --diffloss_w/_d on top): its heads
+    name = args.get("model") if args.get("model") in MODEL_SIZES else size_name(cfg)
+    heads = MODEL_SIZES[name] if name else {}
+    for key in ("encoder_num_heads", "decoder_num_heads"):
+        if key in args:
+            cfg[key] = args[key]
+        elif key in heads:
+            cfg[key] = heads[key]
+        elif key not in overrides:
+            raise CheckpointError(f"cannot tell {key} of the custom model in {path}; pass it explicitly")
+    cfg.update(overrides)
+    return cfg
+
+
 def load_transdiff(path, model=None, use_ema=True, step=None, map_location="cpu", **overrides):
-    """Load a TransDiff checkpoint (file or run folder) strictly.
+    """Load a TransDiff checkpoint (file, run folder or `.safetensors` export) strictly.
 
     With `model`, its architecture must match the checkpoint's. Without, the model is built from the
-    checkpoint: architecture from the state dict, heads and dropout from the stored args or the size
-    registry, `overrides` on top (e.g. num_sampling_steps). Returns (model, checkpoint dict).
+    checkpoint alone: an export's stored constructor arguments, or the architecture read off the state dict
+    with the tokenizer geometry and heads from the stored args; `overrides` on top (e.g. num_sampling_steps).
+    Returns (model, checkpoint dict); `checkpoint_args` of it gives the run's arguments either way.
     """
-    ckpt = read_checkpoint(path, step, map_location)
-    sd = pick_weights(ckpt, use_ema)
+    if is_export(path):
+        ckpt = read_export(path)
+        sd = ckpt["model"]
+        if use_ema != (ckpt["weights"] == "ema"):
+            print(f"note: {path} holds the {ckpt['weights']} weights only; using them")
+    else:
+        ckpt = read_checkpoint(path, step, map_location)
+        sd = pick_weights(ckpt, use_ema)
     if model is None:
-        args = checkpoint_args(ckpt)
-        cfg = infer_config(sd, args.get("vae_embed_dim", overrides.get("vae_embed_dim", 16)),
-                           overrides.get("vae_stride", 16))
-        if cfg["decoder"] == "mlp" and "img_size" in args:
-            cfg["img_size"] = args["img_size"]
-        name = size_name(cfg)
-        heads = MODEL_SIZES[name] if name else {}
-        for key in ("encoder_num_heads", "decoder_num_heads"):
-            if key in args:
-                cfg[key] = args[key]
-            elif key in heads:
-                cfg[key] = heads[key]
-            else:
-                raise CheckpointError(f"cannot tell {key} of the custom model in {path}; pass it explicitly")
-        cfg.update(overrides)
-        model = Transdiff(**cfg)
+        model = Transdiff(**model_config(ckpt, sd, path, overrides))
     check_compatible(model, sd, source=f"checkpoint {path}")
     model.load_state_dict(sd, strict=True)
     return model, ckpt
+
+
+def load_tokenizer(ckpt, vae_path=None):
+    """The frozen tokenizer that the checkpoint's model was trained with, rebuilt from its stored settings.
+    The KL-16 VAE's weights come from `vae_path`, else the path the run used, else DEFAULT_VAE_PATH."""
+    args = checkpoint_args(ckpt)
+    settings = tokenizer_settings(args)
+    name = settings["tokenizer"]
+    if tokenizer_needs_weights(name):
+        tried = [vae_path] if vae_path else [p for p in (args.get("vae_path"), DEFAULT_VAE_PATH) if p]
+        found = [p for p in tried if os.path.isfile(p)]
+        if not found:
+            raise CheckpointError(f"the model decodes with the {name} tokenizer, whose weights are not at "
+                                  f"{' or '.join(tried)}: pass --vae_path PATH/kl16.ckpt")
+        settings["vae_path"] = found[0]
+    return build_tokenizer(argparse.Namespace(**settings))
+
+
+def published_sampling(model):
+    """The paper's sampler settings when `model` has a released model's architecture, else None."""
+    c = model.config
+    key = (size_name(c), bool(model.mrar), int(model.img_size))
+    if key not in PUBLISHED_SAMPLING or c["class_num"] != RELEASED_CLASS_NUM or \
+            c["decoder_embed_dim"] != c["encoder_embed_dim"] or c.get("decoder", "transformer") != "transformer":
+        return None
+    cfg, scale_0, scale_1 = PUBLISHED_SAMPLING[key]
+    return dict(cfg=cfg, scale_0=scale_0, scale_1=scale_1, num_sampling_steps=PUBLISHED_STEPS, sampler="maruyama")
+
+
+# ------------------------------------------------------------------ inference export
+def _jsonable(args):
+    out = {}
+    for k, v in args.items():
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        out[k] = v
+    return out
+
+
+def read_export(path):
+    """An export as a checkpoint-like dict: `model` (state dict), `config`, `args`, `weights`; no pickle."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"export {path} does not exist")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # truncated or not a safetensors file
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]} (the file may be "
+                              f"truncated, or not be a safetensors file)") from e
+    if meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path} is not a TransDiff inference export (its metadata has format "
+                              f"{meta.get('format')!r}, expected {EXPORT_FORMAT!r}); write one with tools/export.py")
+    return {"model": sd, "config": json.loads(meta["config"]), "args": json.loads(meta["args"]),
+            "weights": meta["weights"], "dtype": meta.get("dtype")}
+
+
+def export_inference(src, out, dtype="fp32", use_ema=True, step=None, force=False):
+    """Write the weights of checkpoint `src` (EMA, or raw when not `use_ema`) as a `.safetensors` file at `out`
+    whose metadata rebuilds model and tokenizer. Returns the metadata."""
+    if not is_export(out):
+        raise ValueError(f"the export {out} must end in {EXPORT_SUFFIX}")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    if os.path.exists(out) and not force:
+        raise FileExistsError(f"{out} exists; choose another name or pass --force to overwrite it")
+    from safetensors.torch import save_file
+
+    model, ckpt = load_transdiff(src, use_ema=use_ema, step=step)
+    if is_export(src):
+        weights = ckpt["weights"]
+    else:
+        weights = "ema" if use_ema and isinstance(ckpt.get("model_ema"), dict) else "raw"
+    tensors = {k: v.detach().to(EXPORT_DTYPES[dtype] if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in model.state_dict().items()}
+    meta = {"format": EXPORT_FORMAT, "config": json.dumps(model.config),
+            "args": json.dumps(_jsonable(checkpoint_args(ckpt))), "weights": weights, "dtype": dtype}
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=EXPORT_SUFFIX, dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, out)  # a killed export leaves no half file under the final name
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return meta
 
 
 def adapt_state_dict(sd, model):

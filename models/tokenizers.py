@@ -22,6 +22,8 @@ KL16_STRIDE, KL16_EMBED_DIM = 16, 16
 PIXEL_DEFAULTS = {"pixel_patch": 4, "pixel_channels": 1, "pixel_scale": 1.0}
 # Log-variance of a point mass: the VAE's lower clamp, so the posterior's spread is numerically nil (exp(-15)).
 POINT_MASS_LOGVAR = -30.0
+# The arguments that configure a tokenizer: what a checkpoint must carry for its tokenizer to be rebuilt.
+TOKENIZER_ARGS = ("tokenizer", "vae_embed_dim", *PIXEL_DEFAULTS)
 
 
 class PixelTokenizer(nn.Module):

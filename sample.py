@@ -1,0 +1,129 @@
+"""Sample a grid of chosen classes from a TransDiff checkpoint (DiT's sample.py, for this repository).
+
+    python sample.py --resume ckpt/transdiff_l/ --classes 207 360 388 --per_class 4 --seed 0 --out grid.png
+    python sample.py --resume output/digits --classes 0 1 2 3 4 5 6 7 8 9 --per_class 8 --out digits.png
+
+--resume takes a run folder, a checkpoint file or a `.safetensors` export (tools/export.py), read by the same
+loader as evaluation; the model and its tokenizer (the KL-16 VAE, or a digits run's pixel tokenizer) are rebuilt
+from what the checkpoint stores. The sampler settings default to the paper's for a model of a released
+architecture (README "Released models") and to the run's own (its stored args) otherwise; flags override both.
+The grid has one row per class. Image i (row-major) draws its noise from a generator seeded with
+image_seed(--seed, i), as main.py's evaluation does, so it does not depend on --batch_size.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from main import parse_cfg
+from models.pretrained import CheckpointError, checkpoint_args, load_tokenizer, load_transdiff, published_sampling
+from util.digits import _grid
+from util.evaluation import EVAL_DTYPES, _autocast, _latent_scale, image_seed, save_png, to_uint8
+
+SETTINGS = ("cfg", "scale_0", "scale_1", "num_sampling_steps", "sampler")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--resume", required=True, help="run folder, checkpoint-*.pth or .safetensors export")
+    p.add_argument("--classes", type=int, nargs="+", required=True, help="class ids, one grid row each")
+    p.add_argument("--per_class", type=int, default=4, help="images per class (grid columns)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png", help="the grid PNG")
+    p.add_argument("--save_dir", default=None, help="also write each image as <index>-class<c>-seed<seed>.png here")
+    a = p.add_argument_group("sampler (default: the published settings of a released model, else the run's)")
+    a.add_argument("--cfg", type=parse_cfg, default=None, help="one number, or four comma-separated (MRAR)")
+    a.add_argument("--scale_0", type=float, default=None, help="drift scale")
+    a.add_argument("--scale_1", type=float, default=None, help="noise scale")
+    a.add_argument("--num_sampling_steps", "--steps", type=int, default=None)
+    a.add_argument("--sampler", default=None)
+    p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
+    p.add_argument("--load_step", default=None, help="checkpoint-<step>.pth of a run folder instead of the last")
+    p.add_argument("--vae_path", default=None, help="KL-16 VAE weights (default: the run's, else ckpt/vae/kl16.ckpt)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
+    p.add_argument("--batch_size", type=int, default=32)
+    return p
+
+
+def sampling_settings(model, ckpt, given=None):
+    """(settings, where they come from): the published ones for a released architecture, else the run's stored
+    args, else the model's defaults; the non-None entries of `given` override each."""
+    published = published_sampling(model)
+    if published is not None:
+        base, source = published, "the paper's settings for this released architecture"
+    else:
+        args = checkpoint_args(ckpt)
+        base = {k: args[k] for k in SETTINGS if args.get(k) is not None}
+        source = "the run's settings"
+    settings = {"cfg": 1.0, "scale_0": 1.0, "scale_1": 1.0, "num_sampling_steps": model.num_sampling_steps,
+                "sampler": "maruyama", **base}
+    overridden = {k: v for k, v in (given or {}).items() if k in SETTINGS and v is not None}
+    if overridden:
+        source += f", overridden by {', '.join(sorted(overridden))}"
+    return {**settings, **overridden}, source
+
+
+def sample_images(model, tokenizer, labels, settings, seed=0, batch_size=32, dtype=None, progress=True):
+    """uint8 images (N, H, W, 3) of classes `labels` (N,), image i from a generator seeded image_seed(seed, i)."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    device = model.fake_latent.device
+    scale = _latent_scale(tokenizer)
+    out = []
+    with torch.no_grad(), tqdm(total=len(labels), unit="img", desc="sampling", disable=not progress) as bar:
+        for lo in range(0, len(labels), batch_size):
+            idx = range(lo, min(lo + batch_size, len(labels)))
+            gens = [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in idx]
+            with _autocast(device, dtype):
+                latents = model.samples(labels[lo:lo + len(idx)].to(device), generator=gens, **settings)
+                images = tokenizer.decode(latents / scale).float()
+            bad = int((~torch.isfinite(images).flatten(1).all(dim=1)).sum())
+            if bad:
+                print(f"warning: {bad} image(s) had non-finite values; written as grey", file=sys.stderr)
+            out.append(to_uint8(torch.nan_to_num(images, nan=0.0, posinf=1.0, neginf=-1.0)))
+            bar.update(len(idx))
+    return np.concatenate(out)
+
+
+def image_name(index, label, seed):
+    return f"{index:04d}-class{label}-seed{seed}.png"
+
+
+def main(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.per_class < 1 or args.batch_size < 1:
+        parser.error("--per_class and --batch_size must be at least 1")
+    device = torch.device(args.device)
+    try:
+        model, ckpt = load_transdiff(args.resume, use_ema=not args.raw, step=args.load_step)
+        tokenizer = load_tokenizer(ckpt, args.vae_path).to(device)
+    except CheckpointError as e:
+        parser.error(str(e))
+    model = model.to(device).eval()
+    wrong = [c for c in args.classes if not 0 <= c < model.class_num]
+    if wrong:
+        parser.error(f"--classes {wrong} out of range: the model has classes 0..{model.class_num - 1}")
+    settings, source = sampling_settings(model, ckpt, {k: getattr(args, k) for k in SETTINGS})
+    print(f"{'MRAR' if model.mrar else '1-Step'} model at {model.img_size} px, {model.class_num} classes; "
+          f"{source}: {settings}")
+
+    labels = torch.tensor(args.classes).repeat_interleave(args.per_class)
+    images = sample_images(model, tokenizer, labels, settings, args.seed, args.batch_size, EVAL_DTYPES[args.dtype])
+    if os.path.dirname(args.out):
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    _grid(images, len(args.classes), args.per_class).save(args.out)
+    print(f"grid of {len(args.classes)} x {args.per_class} images -> {args.out}")
+    if args.save_dir:
+        os.makedirs(args.save_dir, exist_ok=True)
+        for i, (arr, c) in enumerate(zip(images, labels.tolist())):
+            save_png(arr, os.path.join(args.save_dir, image_name(i, c, args.seed)))
+        print(f"{len(images)} images -> {args.save_dir}")
+    return images
+
+
+if __name__ == "__main__":
+    main()

@@ -88,6 +88,14 @@ def sample_images(model, tokenizer, labels, settings, seed=0, batch_size=32, dty
     return np.concatenate(out)
 
 
+def sample_grid(model, tokenizer, classes, per_class, settings, seed=0, batch_size=32, dtype=None, progress=True):
+    """(images, grid): `per_class` images of each of `classes` (uint8, N x H x W x 3, class-major) and the PIL
+    grid with one row per class."""
+    labels = torch.as_tensor(classes, dtype=torch.int64).repeat_interleave(per_class)
+    images = sample_images(model, tokenizer, labels, settings, seed, batch_size, dtype, progress)
+    return images, _grid(images, len(classes), per_class)
+
+
 def image_name(index, label, seed):
     return f"{index:04d}-class{label}-seed{seed}.png"
 
@@ -111,15 +119,16 @@ def main(argv=None):
     print(f"{'MRAR' if model.mrar else '1-Step'} model at {model.img_size} px, {model.class_num} classes; "
           f"{source}: {settings}")
 
-    labels = torch.tensor(args.classes).repeat_interleave(args.per_class)
-    images = sample_images(model, tokenizer, labels, settings, args.seed, args.batch_size, EVAL_DTYPES[args.dtype])
+    images, grid = sample_grid(model, tokenizer, args.classes, args.per_class, settings, args.seed, args.batch_size,
+                               EVAL_DTYPES[args.dtype])
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    _grid(images, len(args.classes), args.per_class).save(args.out)
+    grid.save(args.out)
     print(f"grid of {len(args.classes)} x {args.per_class} images -> {args.out}")
     if args.save_dir:
         os.makedirs(args.save_dir, exist_ok=True)
-        for i, (arr, c) in enumerate(zip(images, labels.tolist())):
+        labels = [c for c in args.classes for _ in range(args.per_class)]
+        for i, (arr, c) in enumerate(zip(images, labels)):
             save_png(arr, os.path.join(args.save_dir, image_name(i, c, args.seed)))
         print(f"{len(images)} images -> {args.save_dir}")
     return images

@@ -14,13 +14,13 @@ import argparse
 import json
 import math
 import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
 from models.tokenizers import TOKENIZER_ARGS, build_tokenizer, tokenizer_geometry, tokenizer_needs_weights
 from models.transdiff import MODEL_SIZES, Transdiff
+from util.checkpoint import atomic_write
 
 LAST_CHECKPOINT = "checkpoint-last.pth"
 EXPORT_SUFFIX = ".safetensors"
@@ -308,16 +308,8 @@ def export_inference(src, out, dtype="fp32", use_ema=True, step=None, force=Fals
                for k, v in model.state_dict().items()}
     meta = {"format": EXPORT_FORMAT, "config": json.dumps(model.config),
             "args": json.dumps(_jsonable(checkpoint_args(ckpt))), "weights": weights, "dtype": dtype}
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".export-", suffix=EXPORT_SUFFIX, dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, out)  # a killed export leaves no half file under the final name
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return meta
 
 

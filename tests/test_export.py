@@ -101,5 +101,5 @@ def test_export_refusals(run, tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=re.escape("cannot read")):
         load_transdiff(str(tmp_path / "cut.safetensors"))
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")]  # no temporary file left
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
     assert np.isfinite(read_export(str(out))["model"]["fake_latent"].float().numpy()).all()

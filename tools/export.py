@@ -5,7 +5,7 @@
 
 Writes the EMA weights (the raw ones with --raw) of a run folder, checkpoint file or another export; no optimizer
 state, so a TransDiff-L training checkpoint of about 11 GB becomes about 2.7 GB (fp32) or 1.4 GB (bf16).
-`load_transdiff`, sample.py and main.py's loader read the file without unpickling anything. The output is
+`load_transdiff` (so sample.py and demo.ipynb) reads the file without unpickling anything. The output is
 written atomically and never overwrites an existing file without --force.
 """
 import argparse

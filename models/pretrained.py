@@ -47,6 +47,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def is_export(path):
+    return str(path).endswith(EXPORT_SUFFIX)
+
+
 def resolve_checkpoint_path(path, step=None):
     """File path of a checkpoint given a file or a run folder (optionally `checkpoint-<step>.pth`)."""
     if os.path.isdir(path):
@@ -64,7 +68,10 @@ def resolve_checkpoint_path(path, step=None):
 
 
 def read_checkpoint(path, step=None, map_location="cpu"):
-    """Load a checkpoint dict from a file or run folder, with one clear error for unreadable files."""
+    """Load a checkpoint dict from a file or run folder, with one clear error for unreadable files. An export
+    (`.safetensors`) reads as a dict of its one set of weights under `model`, without pickle (`read_export`)."""
+    if is_export(path):
+        return read_export(path)
     file = resolve_checkpoint_path(path, step)
     try:
         # Released checkpoints pickle their argparse.Namespace of arguments; allow exactly that.
@@ -162,15 +169,15 @@ def check_compatible(model, sd, source="checkpoint"):
 
 def pick_weights(ckpt, use_ema=True):
     """EMA weights when asked for and present; says so when it falls back to the raw weights."""
+    if "weights" in ckpt:  # an export holds one set, named there
+        if use_ema != (ckpt["weights"] == "ema"):
+            print(f"note: the export holds the {ckpt['weights']} weights only; using them")
+        return ckpt["model"]
     if use_ema:
         if isinstance(ckpt.get("model_ema"), dict):
             return ckpt["model_ema"]
         print("note: the checkpoint holds no EMA weights ('model_ema'); using the raw weights")
     return ckpt["model"]
-
-
-def is_export(path):
-    return str(path).endswith(EXPORT_SUFFIX)
 
 
 def tokenizer_settings(args):
@@ -214,14 +221,8 @@ def load_transdiff(path, model=None, use_ema=True, step=None, map_location="cpu"
     with the tokenizer geometry and heads from the stored args; `overrides` on top (e.g. num_sampling_steps).
     Returns (model, checkpoint dict); `checkpoint_args` of it gives the run's arguments either way.
     """
-    if is_export(path):
-        ckpt = read_export(path)
-        sd = ckpt["model"]
-        if use_ema != (ckpt["weights"] == "ema"):
-            print(f"note: {path} holds the {ckpt['weights']} weights only; using them")
-    else:
-        ckpt = read_checkpoint(path, step, map_location)
-        sd = pick_weights(ckpt, use_ema)
+    ckpt = read_checkpoint(path, step, map_location)
+    sd = pick_weights(ckpt, use_ema)
     if model is None:
         model = Transdiff(**model_config(ckpt, sd, path, overrides))
     check_compatible(model, sd, source=f"checkpoint {path}")

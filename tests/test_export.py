@@ -103,3 +103,18 @@ def test_export_refusals(run, tmp_path):
         load_transdiff(str(tmp_path / "cut.safetensors"))
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
     assert np.isfinite(read_export(str(out))["model"]["fake_latent"].float().numpy()).all()
+
+
+def test_main_evaluate_takes_an_export(run, tmp_path):
+    """main.py's loader reads exports too: --evaluate generates the same images from the export as from the run."""
+    import main
+
+    out = tmp_path / "run.safetensors"
+    export_inference(str(run), str(out))
+    common = ["--preset", "digits", "--evaluate", "--skip_metrics", "--diffloss_w", "32", "--num_images", "10",
+              "--eval_bsz", "10", "--num_sampling_steps", "2", "--data_path", str(tmp_path / "data")]
+    for name, src in (("a", run), ("b", out)):
+        main.cli(common + ["--resume", str(src), "--output_dir", str(tmp_path / name)])
+    a, b = (sorted((tmp_path / name / "eval").glob("*/*.png")) for name in "ab")
+    assert len(a) == len(b) == 10
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))

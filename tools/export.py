@@ -5,8 +5,9 @@
 
 Writes the EMA weights (the raw ones with --raw) of a run folder, checkpoint file or another export; no optimizer
 state, so a TransDiff-L training checkpoint of about 11 GB becomes about 2.7 GB (fp32) or 1.4 GB (bf16).
-`load_transdiff` (so sample.py and demo.ipynb) reads the file without unpickling anything. The output is
-written atomically and never overwrites an existing file without --force.
+models.pretrained reads the file without unpickling anything (sample.py, demo.ipynb and main.py --evaluate
+--resume take it like a checkpoint). The output is written atomically and never overwrites an existing file
+without --force.
 """
 import argparse
 import os

@@ -32,6 +32,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from util import runlock
+
 # Released reference statistics per resolution (SPEC §4); relative to the repository root.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FID_STATS = {
@@ -310,13 +312,14 @@ def _check_manifest(out_dir, manifest):
 
 
 def _plan(model, tokenizer, args, out_dir, device):
-    """Rank 0 checks the folder and lists the missing images; every rank gets the list (or the refusal)."""
+    """Rank 0 locks the folder (one live run per folder), checks it and lists the missing images; every rank gets
+    the list (or the refusal). Returns (missing indices, the lock for runlock.release)."""
     rank, world = _dist_info()
     n = int(args.num_images)
-    status, missing, error = 0, [], None
+    status, missing, error, lock = 0, [], None, None
     if rank == 0:
         try:
-            os.makedirs(out_dir, exist_ok=True)
+            lock = runlock.acquire(out_dir, "image generation", log=lambda m: print(f"[eval] {m}", flush=True))
             _check_manifest(out_dir, _generation_manifest(model, tokenizer, args, out_dir))
             missing = missing_indices(out_dir, n, args.img_size)
         except Exception as e:  # told to the other ranks below, so they do not wait forever
@@ -331,16 +334,16 @@ def _plan(model, tokenizer, args, out_dir, device):
         status = int(buf[0])
         missing = torch.nonzero(buf[1:]).flatten().tolist()
     if error is not None:
+        runlock.release(lock)
         raise error
     if status:
         raise RuntimeError(f"rank 0 could not prepare {out_dir}; see its error")
-    return missing
+    return missing, lock
 
 
 def generate_images(model, tokenizer, args, out_dir):
     """Write the PNGs of `out_dir` that are still missing, this rank's share of them; returns speed statistics
     reduced over ranks (identical on every rank)."""
-    rank, world = _dist_info()
     n, bsz = int(args.num_images), int(args.eval_bsz)
     if bsz <= 0:
         raise ValueError(f"--eval_bsz must be positive, got {bsz}")
@@ -349,8 +352,19 @@ def generate_images(model, tokenizer, args, out_dir):
         raise ValueError(f"args.class_num={class_num} but the model has {model.class_num} classes")
     if int(args.img_size) != model.img_size:
         raise ValueError(f"--img_size {args.img_size} but the model generates {model.img_size} px images")
-    labels = labels_for(n, class_num)
+    labels_for(n, class_num)  # refuses an unbalanced count before the folder is touched
     device = _module_device(model, torch.device("cpu"))
+    missing, lock = _plan(model, tokenizer, args, out_dir, device)
+    try:
+        return _generate(model, tokenizer, args, out_dir, missing, device)
+    finally:
+        runlock.release(lock)
+
+
+def _generate(model, tokenizer, args, out_dir, missing, device):
+    rank, world = _dist_info()
+    n, bsz = int(args.num_images), int(args.eval_bsz)
+    labels = labels_for(n, int(getattr(args, "class_num", None) or model.class_num))
     tok_device = _module_device(tokenizer, device)
     autocast_dtype = _eval_dtype(args)
     seed = int(getattr(args, "seed", 0))
@@ -358,8 +372,6 @@ def generate_images(model, tokenizer, args, out_dir):
     sample_kw = dict(num_sampling_steps=_sampling_steps(model, args), cfg=getattr(args, "cfg", 1.0),
                      sampler=getattr(args, "sampler", "maruyama"), scale_0=float(getattr(args, "scale_0", 1.0)),
                      scale_1=float(getattr(args, "scale_1", 1.0)))
-
-    missing = _plan(model, tokenizer, args, out_dir, device)
     mine = missing[rank::world]  # the missing images dealt round-robin: shares differ by at most one image
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -421,6 +433,8 @@ def generate_images(model, tokenizer, args, out_dir):
         "images_skipped": n - len(missing),
         "world_size": world,
         "eval_bsz": bsz,
+        # kernels split work by thread count: 1/255 pixel differences between thread counts, none between batch sizes
+        "threads_per_rank": torch.get_num_threads(),
         "generation_wall_s": wall,
         # first batch of every rank excluded; None when no rank ran a second batch
         "images_per_s": timed_images / timed_wall if timed_images and timed_wall > 0 else None,
@@ -540,7 +554,8 @@ def _report(result, log_writer, epoch):
           f"[eval] FID {num(result['fid'], '.4f')}  IS {num(result['inception_score_mean'], '.2f')} "
           f"± {num(result['inception_score_std'], '.2f')}  ({result['num_images']} images)\n"
           f"[eval] generated {speed['images_generated']} (skipped {speed['images_skipped']} already written) on "
-          f"{speed['world_size']} rank(s) in {speed['generation_wall_s']:.1f} s: "
+          f"{speed['world_size']} rank(s) x {speed.get('threads_per_rank')} thread(s) in "
+          f"{speed['generation_wall_s']:.1f} s: "
           f"{num(speed['images_per_s'], '.2f')} img/s, {num(speed['s_per_image'], '.4f')} s/img (first batch "
           f"excluded); peak memory {num(peak / 2**30 if peak is not None else None, '.2f')} GiB "
           f"({speed['peak_memory_kind']})", flush=True)

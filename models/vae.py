@@ -6,6 +6,7 @@ Images in [-1, 1] of any size divisible by 2 ** (len(ch_mult) - 1) map to latent
 
 import argparse
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -255,7 +256,7 @@ def _read_state_dict(path, unsafe_load=False):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "Weights only load failed" in first or "Unsupported global" in str(err):
+        if zipfile.is_zipfile(path) and "Unsupported global" in str(err):  # a whole torch file, foreign objects
             raise VAEFileError(
                 f"VAE checkpoint {path} pickles objects that the safe loader refuses ({_unsupported(err)}). If you "
                 f"trust this file, pass {UNSAFE_FLAG}, which unpickles it fully and so RUNS CODE FROM THE FILE; "

@@ -182,12 +182,15 @@ def test_files_follow_the_umask(tmp_path):
     try:
         save_checkpoint(tmp_path / "c.pth", {"x": torch.zeros(1)})
         save_json(tmp_path / "args.json", {"a": 1})
+        from util.evaluation import _atomic_write_json
+        _atomic_write_json(tmp_path / "metrics.json", {"a": 1})
         os.umask(0o002)
         save_json(tmp_path / "group.json", {"a": 1})
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "c.pth").st_mode) == 0o644
     assert stat.S_IMODE(os.stat(tmp_path / "args.json").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "metrics.json").st_mode) == 0o644
     assert stat.S_IMODE(os.stat(tmp_path / "group.json").st_mode) == 0o664
 
 

@@ -45,7 +45,8 @@ def resolve_train_dir(data_path):
         return train
     if os.path.isdir(data_path):
         return data_path
-    raise FileNotFoundError(f"--data_path {data_path} does not exist (expected the ImageNet root holding train/)")
+    raise DataError(f"--data_path {data_path} does not exist: give the ImageNet root holding train/ (or an "
+                    "ImageFolder)")
 
 
 def find_classes(root, class_num=None):

@@ -8,9 +8,9 @@ Layout of one evaluation (``eval_dir``)::
     <output_dir>/eval_results.jsonl                         one line per finished evaluation
 
 Image ``i`` has class ``i // (num_images / class_num)`` and draws all of its randomness from its own generator,
-seeded by ``image_seed(seed, i)``: the set depends neither on the world size nor on ``--eval_bsz`` (up to the
-floating-point differences between kernels run on batches of different shapes). Running the same command again
-skips the images already written, so an interrupted run completes its set.
+seeded by ``image_seed(seed, i)``: the set depends neither on the world size nor on ``--eval_bsz`` (with equal
+threads per process the PNGs are byte-identical; another thread count moves some pixels by 1/255). Running the
+same command again skips the images already written, so an interrupted run completes its set.
 
 Works in one process or under torchrun: ranks share the folder (a shared filesystem across nodes), rank 0 decides
 which images are missing and broadcasts it, every rank generates its share, and rank 0 scores the folder.
@@ -22,7 +22,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from util import runlock
+from util.checkpoint import atomic_write
 
 # Released reference statistics per resolution (SPEC §4); relative to the repository root.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -139,15 +139,10 @@ def image_path(out_dir, index, num_images):
 
 
 def _atomic_write_bytes(path, data):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write)
 
 
 def _atomic_write_json(path, obj):

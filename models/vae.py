@@ -24,6 +24,10 @@ class VAEFileError(UserError, RuntimeError):
     pass
 
 
+class VAEFileMissing(VAEFileError, FileNotFoundError):
+    pass
+
+
 def Normalize(channels, num_groups=32):
     return nn.GroupNorm(num_groups, channels, eps=1e-6, affine=True)
 
@@ -232,10 +236,6 @@ class AutoencoderKL(nn.Module):
 def load_vae(path, embed_dim=16, ch_mult=(1, 1, 2, 2, 4), unsafe_load=False):
     """The frozen VAE: weights from `path`, eval mode, no gradients."""
     return AutoencoderKL(embed_dim, ch_mult, ckpt_path=path, unsafe_load=unsafe_load).eval().requires_grad_(False)
-
-
-class VAEFileMissing(VAEFileError, FileNotFoundError):
-    pass
 
 
 def _read_state_dict(path, unsafe_load=False):

@@ -45,6 +45,8 @@ class TrainState:
     step: int = 0             # optimizer steps taken
     images_seen: int = 0
     train_seconds: float = 0.0  # wall time spent in optimizer steps (data loading included), summed over resumes
+    epoch_loss_sum: float = 0.0  # over the optimizer steps of `epoch` so far, resumes included: the epoch's loss
+    epoch_loss_steps: int = 0
 
 
 @dataclass
@@ -272,7 +274,7 @@ def train_one_epoch(run, epoch):
 
     bar = tqdm(total=run.steps_per_epoch, initial=run.steps_per_epoch - steps, desc=f"epoch {epoch}",
                disable=not run.dist.is_main, dynamic_ncols=True)
-    window, t_window, t_epoch, epoch_losses = [], time.time(), time.time(), []
+    window, t_window, t_epoch = [], time.time(), time.time()
     for _ in range(steps):
         lr = adjust_learning_rate(run.optimizer, epoch + st.samples_in_epoch / run.epoch_samples, args)
         t_step = time.time()
@@ -282,7 +284,8 @@ def train_one_epoch(run, epoch):
         st.samples_in_epoch += run.samples_per_step
         st.images_seen += run.samples_per_step * per_image
         window.append(loss)
-        epoch_losses.append(loss)
+        st.epoch_loss_sum += loss
+        st.epoch_loss_steps += 1
         bar.update(1)
         if st.step % args.log_freq == 0 or st.step == 1:
             dt = max(time.time() - t_window, 1e-9)
@@ -305,17 +308,21 @@ def train_one_epoch(run, epoch):
             return False
     bar.close()
     skipped = int(all_reduce_sum(skipped.to(dev)).item())
-    epoch_loss = float(np.mean(epoch_losses)) if epoch_losses else math.nan  # each step's loss is already global
+    # each step's loss is already global; the steps before a resume count too (an epoch may end on one)
+    epoch_loss = st.epoch_loss_sum / st.epoch_loss_steps if st.epoch_loss_steps else None  # None: an older
+    # checkpoint written at the epoch's end, which did not keep the sum
     dt = time.time() - t_epoch
     images = steps * run.samples_per_step * per_image
-    log.info(f"epoch {epoch} done: loss {epoch_loss:.4f}, {images} images in {dt:.0f}s "
+    shown = "n/a" if epoch_loss is None else f"{epoch_loss:.4f}"
+    log.info(f"epoch {epoch} done: loss {shown}, {images} images in {dt:.0f}s "
              f"({images / max(dt, 1e-9):.1f} images/s), {skipped} unreadable files skipped, "
              f"{st.images_seen / 1000:.1f} kimg in total")
     if run.dist.is_main:
-        run.writer.add_scalar("epoch/loss", epoch_loss, epoch)
+        if epoch_loss is not None:
+            run.writer.add_scalar("epoch/loss", epoch_loss, epoch)
         run.writer.add_scalar("epoch/unreadable_files", skipped, epoch)
         run.writer.flush()
-    st.epoch, st.samples_in_epoch = epoch + 1, 0
+    st.epoch, st.samples_in_epoch, st.epoch_loss_sum, st.epoch_loss_steps = epoch + 1, 0, 0.0, 0
     return True
 
 

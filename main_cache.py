@@ -14,18 +14,28 @@ import os
 import torch
 
 import engine_transdiff as engine
-from models.tokenizers import TOKENIZERS, build_tokenizer
-from util import data
+from models.tokenizers import PIXEL_DEFAULTS, TOKENIZERS, build_tokenizer, tokenizer_geometry, tokenizer_needs_weights
+from util import data, runlock
 from util.distributed import all_reduce_sum, barrier, cleanup, init_distributed
+from util.errors import OneLineParser, exit_on_user_error
 from util.logger import setup_logger
+
+PROG = os.path.basename(__file__)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Cache VAE latents (image and mirror moments)", allow_abbrev=False)
+    p = OneLineParser(PROG, description="Cache VAE latents (image and mirror moments)", allow_abbrev=False)
     p.add_argument("--img_size", type=int, default=256)
-    p.add_argument("--tokenizer", default="kl16", choices=list(TOKENIZERS))
+    p.add_argument("--tokenizer", default="kl16", choices=list(TOKENIZERS),
+                   help="as main.py: kl16 (the VAE of --vae_path) or pixel (pixel patches, no weights)")
     p.add_argument("--vae_path", default="pretrained_models/vae/kl16.ckpt")
-    p.add_argument("--vae_embed_dim", type=int, default=16)
+    p.add_argument("--vae_embed_dim", type=int, default=None, help="latent channels; given, it must agree with "
+                                                                   "the tokenizer's (KL-16: 16)")
+    p.add_argument("--vae_unsafe_load", action="store_true",
+                   help="as main.py: fully unpickle a VAE file the safe loader refuses (RUNS CODE FROM THE FILE)")
+    p.add_argument("--pixel_patch", type=int, default=PIXEL_DEFAULTS["pixel_patch"])
+    p.add_argument("--pixel_channels", type=int, default=PIXEL_DEFAULTS["pixel_channels"], choices=[1, 3])
+    p.add_argument("--pixel_scale", type=float, default=PIXEL_DEFAULTS["pixel_scale"])
     p.add_argument("--batch_size", type=int, default=128, help="images per process and batch")
     p.add_argument("--data_path", default="./data/imagenet", help="ImageNet root holding train/ (or an ImageFolder)")
     p.add_argument("--cached_path", required=True)
@@ -36,11 +46,17 @@ def get_args_parser():
 
 
 def check_args(parser, args):
-    if args.batch_size < 1 or args.num_workers < 0:
-        parser.error("--batch_size must be at least 1 and --num_workers not negative")
-    if args.img_size % 16:
-        parser.error(f"--img_size {args.img_size} is not a multiple of the tokenizer stride 16")
-    if not os.path.isfile(args.vae_path):
+    if args.batch_size < 1 or args.num_workers < 0 or args.pixel_patch < 1:
+        parser.error("--batch_size and --pixel_patch must be at least 1 and --num_workers not negative")
+    stride, embed_dim = tokenizer_geometry(args)
+    if args.vae_embed_dim not in (None, embed_dim):
+        parser.error(f"--vae_embed_dim {args.vae_embed_dim} conflicts with --tokenizer {args.tokenizer}, whose "
+                     f"latents have {embed_dim} channels: leave --vae_embed_dim out")
+    args.vae_embed_dim = embed_dim
+    if args.img_size % stride:
+        parser.error(f"--img_size {args.img_size} is not a multiple of the tokenizer stride {stride} (--tokenizer "
+                     f"{args.tokenizer}" + (", --pixel_patch)" if args.tokenizer == "pixel" else ")"))
+    if tokenizer_needs_weights(args.tokenizer) and not os.path.isfile(args.vae_path):
         parser.error(f"--vae_path {args.vae_path} is not a file (the KL-16 VAE, kl16.ckpt)")
     if not os.path.isdir(args.data_path):
         parser.error(f"--data_path {args.data_path} is not a folder")
@@ -49,17 +65,22 @@ def check_args(parser, args):
 
 def main(args):
     dist = init_distributed(args.device)
+    lock = None
     try:
         log = setup_logger(None, dist.rank)
         root = data.resolve_train_dir(args.data_path)
         items = data.scan_folder(root, data.find_classes(root), data.IMG_EXTENSIONS)
         outs = [os.path.join(args.cached_path, os.path.relpath(path, root) + ".npz") for path, _ in items]
+        lock, notes = runlock.hold_folder(args.cached_path, "latent caching",
+                                          sorted({os.path.dirname(o) for o in outs}))
+        for note in notes:
+            log.info(note)
         mine = [i for i in range(dist.rank, len(items), dist.world_size)]
         todo = [i for i in mine if not os.path.exists(outs[i])]
         for folder in sorted({os.path.dirname(outs[i]) for i in todo}):
             os.makedirs(folder, exist_ok=True)
-        log.info(f"{len(items)} images under {root} -> {args.cached_path} at {args.img_size} px, "
-                 f"{dist.world_size} processes")
+        log.info(f"{len(items)} images under {root} -> {args.cached_path} at {args.img_size} px, --tokenizer "
+                 f"{args.tokenizer}, {dist.world_size} processes")
         source = data.CacheSource([items[i][0] for i in todo], args.img_size)
         loader = torch.utils.data.DataLoader(source, batch_size=args.batch_size, num_workers=args.num_workers,
                                              pin_memory=args.pin_mem and dist.device.type == "cuda")
@@ -71,9 +92,16 @@ def main(args):
         log.info(f"done: {written} written, {present} already cached, {unreadable} unreadable images skipped")
         barrier()
     finally:
+        runlock.release(lock)
         cleanup()
 
 
-if __name__ == "__main__":
+def cli(argv=None):
     parser = get_args_parser()
-    main(check_args(parser, parser.parse_args()))
+    args = check_args(parser, parser.parse_args(argv))
+    with exit_on_user_error(PROG):
+        main(args)
+
+
+if __name__ == "__main__":
+    cli()

@@ -10,7 +10,6 @@ architecture (README "Released models") and to the run's own (its stored args) o
 The grid has one row per class. Image i (row-major) draws its noise from a generator seeded with
 image_seed(--seed, i), as main.py's evaluation does, so it does not depend on --batch_size.
 """
-import argparse
 import os
 import sys
 
@@ -19,15 +18,16 @@ import torch
 from tqdm import tqdm
 
 from main import parse_cfg
-from models.pretrained import CheckpointError, checkpoint_args, load_tokenizer, load_transdiff, published_sampling
+from models.pretrained import checkpoint_args, load_tokenizer, load_transdiff, published_sampling
 from util.digits import _grid
+from util.errors import OneLineParser, UserError
 from util.evaluation import EVAL_DTYPES, _autocast, _latent_scale, image_seed, save_png, to_uint8
 
 SETTINGS = ("cfg", "scale_0", "scale_1", "num_sampling_steps", "sampler")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--resume", required=True, help="run folder, checkpoint-*.pth or .safetensors export")
     p.add_argument("--classes", type=int, nargs="+", required=True, help="class ids, one grid row each")
     p.add_argument("--per_class", type=int, default=4, help="images per class (grid columns)")
@@ -109,7 +109,7 @@ def main(argv=None):
     try:
         model, ckpt = load_transdiff(args.resume, use_ema=not args.raw, step=args.load_step)
         tokenizer = load_tokenizer(ckpt, args.vae_path).to(device)
-    except CheckpointError as e:
+    except UserError as e:
         parser.error(str(e))
     model = model.to(device).eval()
     wrong = [c for c in args.classes if not 0 <= c < model.class_num]

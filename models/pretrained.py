@@ -11,6 +11,7 @@ the model's constructor arguments (`config`), the training args (`args`, JSON) a
 it is read without unpickling anything.
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -21,8 +22,10 @@ import torch.nn.functional as F
 from models.tokenizers import TOKENIZER_ARGS, build_tokenizer, tokenizer_geometry, tokenizer_needs_weights
 from models.transdiff import MODEL_SIZES, Transdiff
 from util.checkpoint import atomic_write
+from util.errors import UserError
 
 LAST_CHECKPOINT = "checkpoint-last.pth"
+_MRAR_DEFAULTS = {k: inspect.signature(Transdiff).parameters[k].default for k in ("mrar_images", "mrar_ref_patch")}
 EXPORT_SUFFIX = ".safetensors"
 EXPORT_FORMAT = "transdiff-inference-1"
 DEFAULT_VAE_PATH = "ckpt/vae/kl16.ckpt"  # where README.md puts the released KL-16 VAE
@@ -43,7 +46,7 @@ PUBLISHED_STEPS = 100
 RELEASED_CLASS_NUM = 1000
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
@@ -99,13 +102,36 @@ def _count(sd, prefix):
     return max(ids) + 1 if ids else 0
 
 
-def infer_config(sd, vae_embed_dim=16, vae_stride=16):
-    """Transdiff keyword arguments that reproduce the architecture of state dict `sd` (heads excepted)."""
+def mode_from_shapes(sd):
+    """True (MRAR) or False (1-Step) where the shapes of `sd` tell, else None. The MRAR mask block holds one
+    token per reference token, which is a single token at 32 px with KL-16 like the 1-Step mask: then the
+    condition count (images x mask tokens) and `z_proj`'s input (a reference patch of latents, vs one decoder
+    token in 1-Step) decide."""
+    mask = sd["mask_token"].shape[1]
+    if mask > 1:
+        return True
+    if sd["diffusion_pos_embed_learned"].shape[1] != _MRAR_DEFAULTS["mrar_images"] * mask:
+        return False
+    token_dim = sd["diffdecoder.net.input_proj.weight"].shape[1]
+    z_in = sd["z_proj.weight"].shape[1] if "z_proj.weight" in sd else None
+    if z_in == token_dim:
+        return False
+    if z_in == token_dim * _MRAR_DEFAULTS["mrar_ref_patch"] ** 2:
+        return True
+    return None
+
+
+def infer_config(sd, vae_embed_dim=16, vae_stride=16, mrar=None):
+    """Transdiff keyword arguments that reproduce the architecture of state dict `sd` (heads excepted). `mrar`:
+    the mode as the checkpoint's args record it; None reads it off the shapes where they tell."""
     try:
         d = sd["class_emb.weight"].shape[1]
         token_dim = sd["diffdecoder.net.input_proj.weight"].shape[1]
         num_conditions = sd["diffusion_pos_embed_learned"].shape[1]
-        mrar = sd["mask_token"].shape[1] > 1
+        mrar = mode_from_shapes(sd) if mrar is None else bool(mrar)
+        if mrar is None:
+            raise CheckpointError("the checkpoint records no mode and its shapes fit both MRAR and 1-Step: pass "
+                                  "--mrar for an MRAR model, leave it out for 1-Step")
         decoder = "mlp" if "diffdecoder.net.res_blocks.0.in_ln.weight" in sd else "transformer"
         # the MLP head has no position embedding to read its token count from: it equals the condition count
         # up to 256 px; load_transdiff takes img_size from the checkpoint's args when they hold it
@@ -155,16 +181,17 @@ def check_compatible(model, sd, source="checkpoint"):
     if not (missing or unexpected or shapes):
         return
     try:
-        theirs = describe(infer_config(sd, model.vae_embed_dim, model.vae_stride))
-    except CheckpointError:
+        theirs = describe(infer_config(sd, model.vae_embed_dim, model.vae_stride,
+                                       mrar=model.mrar if mode_from_shapes(sd) is None else None))
+    except (CheckpointError, KeyError):
         theirs = "not a TransDiff state dict"
     detail = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
                        if keys)
-    ours = describe(infer_config(own, model.vae_embed_dim, model.vae_stride))
+    ours = describe(infer_config(own, model.vae_embed_dim, model.vae_stride, mrar=model.mrar))
     raise CheckpointError(f"{source} holds {theirs}, but the model is {ours} "
-                          f"({detail}). Choose --model/--img_size/--mrar to match the checkpoint, or give the "
-                          f"checkpoint of the model you meant.")
+                          f"({detail}). Choose --model, --img_size, --mrar, --diffloss_w, --diffloss_d and "
+                          f"--decoder to match the checkpoint, or give the checkpoint of the model you meant.")
 
 
 def pick_weights(ckpt, use_ema=True):
@@ -193,7 +220,7 @@ def model_config(ckpt, sd, path, overrides=None):
     args = checkpoint_args(ckpt)
     stride, embed_dim = tokenizer_geometry(argparse.Namespace(**tokenizer_settings(args)))
     stride, embed_dim = overrides.get("vae_stride", stride), overrides.get("vae_embed_dim", embed_dim)
-    cfg = infer_config(sd, embed_dim, stride)
+    cfg = infer_config(sd, embed_dim, stride, mrar=args.get("mrar"))
     cfg["vae_stride"] = stride
     if cfg["decoder"] == "mlp" and "img_size" in args:
         cfg["img_size"] = args["img_size"]

@@ -72,7 +72,8 @@ def _pixel_geometry(args):
 
 
 def _build_kl16(args):
-    vae = AutoencoderKL(embed_dim=KL16_EMBED_DIM, ch_mult=(1, 1, 2, 2, 4), ckpt_path=args.vae_path)
+    vae = AutoencoderKL(embed_dim=KL16_EMBED_DIM, ch_mult=(1, 1, 2, 2, 4), ckpt_path=args.vae_path,
+                        unsafe_load=bool(getattr(args, "vae_unsafe_load", False)))
     vae.scale_factor = KL16_SCALE_FACTOR
     vae.stride = vae.downsample_factor
     return vae

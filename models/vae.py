@@ -4,6 +4,7 @@ Module names and creation order mirror the released ``kl16.ckpt`` so that it loa
 Images in [-1, 1] of any size divisible by 2 ** (len(ch_mult) - 1) map to latents of ``embed_dim`` channels.
 """
 
+import argparse
 import pickle
 import zipfile
 from pathlib import Path
@@ -11,6 +12,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from util.errors import UserError
+
+# What released VAE files pickle besides tensors (MAR's training arguments); the safe loader accepts these only.
+SAFE_GLOBALS = [argparse.Namespace]
+UNSAFE_FLAG = "--vae_unsafe_load"
+
+
+class VAEFileError(UserError, RuntimeError):
+    pass
+
+
+class VAEFileMissing(VAEFileError, FileNotFoundError):
+    pass
 
 
 def Normalize(channels, num_groups=32):
@@ -177,7 +192,7 @@ class DiagonalGaussianDistribution:
 
 
 class AutoencoderKL(nn.Module):
-    def __init__(self, embed_dim=16, ch_mult=(1, 1, 2, 2, 4), ckpt_path=None):
+    def __init__(self, embed_dim=16, ch_mult=(1, 1, 2, 2, 4), ckpt_path=None, unsafe_load=False):
         super().__init__()
         self.embed_dim = embed_dim
         self.ch_mult = tuple(ch_mult)
@@ -186,7 +201,7 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * embed_dim, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, embed_dim, 1)
         if ckpt_path is not None:
-            self.load_checkpoint(ckpt_path)
+            self.load_checkpoint(ckpt_path, unsafe_load)
 
     @property
     def downsample_factor(self):
@@ -206,11 +221,11 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
-    def load_checkpoint(self, path):
-        state_dict = _read_state_dict(path)
+    def load_checkpoint(self, path, unsafe_load=False):
+        state_dict = _read_state_dict(path, unsafe_load)
         problems = _describe_mismatch(self.state_dict(), state_dict)
         if problems:
-            raise RuntimeError(
+            raise VAEFileError(
                 f"{path} does not hold weights of AutoencoderKL(embed_dim={self.embed_dim}, ch_mult={self.ch_mult}): "
                 f"{problems}. Pass the KL-16 VAE released with MAR (kl16.ckpt) via --vae_path, or the "
                 "embed_dim/ch_mult that match this file."
@@ -218,41 +233,59 @@ class AutoencoderKL(nn.Module):
         self.load_state_dict(state_dict, strict=True)
 
 
-def load_vae(path, embed_dim=16, ch_mult=(1, 1, 2, 2, 4)):
+def load_vae(path, embed_dim=16, ch_mult=(1, 1, 2, 2, 4), unsafe_load=False):
     """The frozen VAE: weights from `path`, eval mode, no gradients."""
-    return AutoencoderKL(embed_dim, ch_mult, ckpt_path=path).eval().requires_grad_(False)
+    return AutoencoderKL(embed_dim, ch_mult, ckpt_path=path, unsafe_load=unsafe_load).eval().requires_grad_(False)
 
 
-def _read_state_dict(path):
+def _read_state_dict(path, unsafe_load=False):
+    """The state dict of a VAE file, read by the safe loader (tensors and SAFE_GLOBALS only); a file that pickles
+    anything else is refused unless `unsafe_load` (the user's explicit --vae_unsafe_load) allows full unpickling,
+    which runs code from the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise VAEFileMissing(
             f"VAE checkpoint not found: {path}. Download the KL-16 VAE released with MAR (kl16.ckpt) and pass "
             "its path with --vae_path."
         )
     try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # Some older checkpoints pickle extra objects (e.g. argparse.Namespace) that the safe loader refuses.
-            # Only a complete zip archive is retried with full unpickling (which runs code from the file, so it
-            # is meant for checkpoints the user trusts), and corrupt files still fail below.
-            if not zipfile.is_zipfile(path):
-                raise
+        if unsafe_load:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if zipfile.is_zipfile(path) and "Unsupported global" in str(err):  # a whole torch file, foreign objects
+            raise VAEFileError(
+                f"VAE checkpoint {path} pickles objects that the safe loader refuses ({_unsupported(err)}). If you "
+                f"trust this file, pass {UNSAFE_FLAG}, which unpickles it fully and so RUNS CODE FROM THE FILE; "
+                "else use the KL-16 VAE released with MAR (kl16.ckpt) via --vae_path.") from None
+        raise VAEFileError(
+            f"Could not read VAE checkpoint {path}: it is not a valid torch checkpoint (truncated or corrupted "
+            f"download?) [{type(err).__name__}: {first[:120]}]. Download kl16.ckpt again and pass it with "
+            "--vae_path.") from None
     except Exception as err:
-        raise RuntimeError(
+        raise VAEFileError(
             f"Could not read VAE checkpoint {path}: it is not a valid torch checkpoint (truncated or corrupted "
             f"download?) [{type(err).__name__}: {str(err).split('. ')[0][:120]}]. Download kl16.ckpt again and "
             "pass it with --vae_path."
         ) from None
     state_dict = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise RuntimeError(
+        raise VAEFileError(
             f"VAE checkpoint {path} holds no state dict (expected a dict of tensors, or one under the key 'model'). "
             "Pass the KL-16 VAE released with MAR (kl16.ckpt) with --vae_path."
         )
     return state_dict
+
+
+def _unsupported(err):
+    """The global the safe loader refused, as its message names it."""
+    for line in str(err).splitlines():
+        if "Unsupported global" in line:
+            return line.strip().split(" To ")[0].rstrip(".")
+    return "objects other than tensors"
 
 
 def _describe_mismatch(expected, found, limit=3):

@@ -15,6 +15,7 @@ from models.tokenizers import PixelTokenizer, build_tokenizer, tokenizer_geometr
 from models.transdiff import build_model
 from tools.prepare_digits import main as prepare_cli
 from util import data, digit_classifier, digits
+from util.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_tokenizer_sizes_the_model(tmp_path, capsys):
              moments_flip=np.zeros(1))
     args = parse(base + ["--tokenizer", "pixel", "--pixel_patch", "2", "--use_cached", "--cached_path",
                          str(tmp_path / "cache"), "--no-hflip"])
-    with pytest.raises(ValueError, match=r"needs \(8, 16, 16\)"):  # a 16 px cache for a 32 px run
+    with pytest.raises(UserError, match=r"needs \(8, 16, 16\)"):  # a 16 px cache for a 32 px run
         main.build_data(args, argparse.Namespace(world_size=1, rank=0, device=torch.device("cpu")))
 
 

@@ -264,6 +264,9 @@ def test_mrar_starts_from_a_1step_checkpoint_then_continues_its_own(env, tmp_pat
     main.cli(tiny(env, tmp_path / "eval", "--evaluate", "--skip_metrics", "--resume", str(out),
                   "--cfg", "1.3,1.3,1.3,1.3", img_size=64))
     assert seen[0]["mrar"] and seen[0]["weights"]["mask_token"].shape == (1, 4, 64)
+    header = (tmp_path / "eval" / "log.txt").read_text()
+    assert "global batch" not in header and "evaluation batch 64 per process" in header
+    assert f"{torch.get_num_threads()} threads per process" in header and "holds an MRAR model" in header
 
 
 def test_higher_resolution_start_with_frozen_encoder(env, tmp_path):

@@ -9,17 +9,17 @@ models.pretrained reads the file without unpickling anything (sample.py, demo.ip
 --resume take it like a checkpoint). The output is written atomically and never overwrites an existing file
 without --force.
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.pretrained import EXPORT_DTYPES, CheckpointError, export_inference  # noqa: E402
+from models.pretrained import EXPORT_DTYPES, export_inference  # noqa: E402
+from util.errors import OneLineParser, UserError  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("src", help="run folder, checkpoint-*.pth or .safetensors export")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--dtype", default="fp32", choices=list(EXPORT_DTYPES), help="dtype of the stored weights")
@@ -30,7 +30,7 @@ def main(argv=None):
     try:
         meta = export_inference(args.src, args.out, args.dtype, use_ema=not args.raw, step=args.load_step,
                                 force=args.force)
-    except (CheckpointError, ValueError, FileExistsError) as e:
+    except (UserError, ValueError, FileExistsError) as e:
         p.error(str(e))
     print(f"{meta['weights']} weights of {args.src} as {args.dtype} -> {args.out} "
           f"({os.path.getsize(args.out) / 2**20:.1f} MiB)")

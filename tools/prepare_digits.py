@@ -13,10 +13,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from util import digits  # noqa: E402
+from util.errors import OneLineParser  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/digits", help="output folder (gets train/ and heldout/)")
     p.add_argument("--heldout_per_class", type=int, default=digits.HELDOUT_PER_CLASS, help="held-out digits per class")
     p.add_argument("--seed", type=int, default=0)

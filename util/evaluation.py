@@ -8,9 +8,9 @@ Layout of one evaluation (``eval_dir``)::
     <output_dir>/eval_results.jsonl                         one line per finished evaluation
 
 Image ``i`` has class ``i // (num_images / class_num)`` and draws all of its randomness from its own generator,
-seeded by ``image_seed(seed, i)``: the set depends neither on the world size nor on ``--eval_bsz`` (up to the
-floating-point differences between kernels run on batches of different shapes). Running the same command again
-skips the images already written, so an interrupted run completes its set.
+seeded by ``image_seed(seed, i)``: the set depends neither on the world size nor on ``--eval_bsz`` (with equal
+threads per process the PNGs are byte-identical; another thread count moves some pixels by 1/255). Running the
+same command again skips the images already written, so an interrupted run completes its set.
 
 Works in one process or under torchrun: ranks share the folder (a shared filesystem across nodes), rank 0 decides
 which images are missing and broadcasts it, every rank generates its share, and rank 0 scores the folder.
@@ -22,7 +22,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +30,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
+
+from util import runlock
+from util.checkpoint import atomic_write
 
 # Released reference statistics per resolution (SPEC §4); relative to the repository root.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -137,15 +139,10 @@ def image_path(out_dir, index, num_images):
 
 
 def _atomic_write_bytes(path, data):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, write)
 
 
 def _atomic_write_json(path, obj):
@@ -310,13 +307,14 @@ def _check_manifest(out_dir, manifest):
 
 
 def _plan(model, tokenizer, args, out_dir, device):
-    """Rank 0 checks the folder and lists the missing images; every rank gets the list (or the refusal)."""
+    """Rank 0 locks the folder (one live run per folder), checks it and lists the missing images; every rank gets
+    the list (or the refusal). Returns (missing indices, the lock for runlock.release)."""
     rank, world = _dist_info()
     n = int(args.num_images)
-    status, missing, error = 0, [], None
+    status, missing, error, lock = 0, [], None, None
     if rank == 0:
         try:
-            os.makedirs(out_dir, exist_ok=True)
+            lock = runlock.acquire(out_dir, "image generation", log=lambda m: print(f"[eval] {m}", flush=True))
             _check_manifest(out_dir, _generation_manifest(model, tokenizer, args, out_dir))
             missing = missing_indices(out_dir, n, args.img_size)
         except Exception as e:  # told to the other ranks below, so they do not wait forever
@@ -331,16 +329,16 @@ def _plan(model, tokenizer, args, out_dir, device):
         status = int(buf[0])
         missing = torch.nonzero(buf[1:]).flatten().tolist()
     if error is not None:
+        runlock.release(lock)
         raise error
     if status:
         raise RuntimeError(f"rank 0 could not prepare {out_dir}; see its error")
-    return missing
+    return missing, lock
 
 
 def generate_images(model, tokenizer, args, out_dir):
     """Write the PNGs of `out_dir` that are still missing, this rank's share of them; returns speed statistics
     reduced over ranks (identical on every rank)."""
-    rank, world = _dist_info()
     n, bsz = int(args.num_images), int(args.eval_bsz)
     if bsz <= 0:
         raise ValueError(f"--eval_bsz must be positive, got {bsz}")
@@ -349,8 +347,19 @@ def generate_images(model, tokenizer, args, out_dir):
         raise ValueError(f"args.class_num={class_num} but the model has {model.class_num} classes")
     if int(args.img_size) != model.img_size:
         raise ValueError(f"--img_size {args.img_size} but the model generates {model.img_size} px images")
-    labels = labels_for(n, class_num)
+    labels_for(n, class_num)  # refuses an unbalanced count before the folder is touched
     device = _module_device(model, torch.device("cpu"))
+    missing, lock = _plan(model, tokenizer, args, out_dir, device)
+    try:
+        return _generate(model, tokenizer, args, out_dir, missing, device)
+    finally:
+        runlock.release(lock)
+
+
+def _generate(model, tokenizer, args, out_dir, missing, device):
+    rank, world = _dist_info()
+    n, bsz = int(args.num_images), int(args.eval_bsz)
+    labels = labels_for(n, int(getattr(args, "class_num", None) or model.class_num))
     tok_device = _module_device(tokenizer, device)
     autocast_dtype = _eval_dtype(args)
     seed = int(getattr(args, "seed", 0))
@@ -358,8 +367,6 @@ def generate_images(model, tokenizer, args, out_dir):
     sample_kw = dict(num_sampling_steps=_sampling_steps(model, args), cfg=getattr(args, "cfg", 1.0),
                      sampler=getattr(args, "sampler", "maruyama"), scale_0=float(getattr(args, "scale_0", 1.0)),
                      scale_1=float(getattr(args, "scale_1", 1.0)))
-
-    missing = _plan(model, tokenizer, args, out_dir, device)
     mine = missing[rank::world]  # the missing images dealt round-robin: shares differ by at most one image
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -421,6 +428,8 @@ def generate_images(model, tokenizer, args, out_dir):
         "images_skipped": n - len(missing),
         "world_size": world,
         "eval_bsz": bsz,
+        # kernels split work by thread count: 1/255 pixel differences between thread counts, none between batch sizes
+        "threads_per_rank": torch.get_num_threads(),
         "generation_wall_s": wall,
         # first batch of every rank excluded; None when no rank ran a second batch
         "images_per_s": timed_images / timed_wall if timed_images and timed_wall > 0 else None,
@@ -540,7 +549,8 @@ def _report(result, log_writer, epoch):
           f"[eval] FID {num(result['fid'], '.4f')}  IS {num(result['inception_score_mean'], '.2f')} "
           f"± {num(result['inception_score_std'], '.2f')}  ({result['num_images']} images)\n"
           f"[eval] generated {speed['images_generated']} (skipped {speed['images_skipped']} already written) on "
-          f"{speed['world_size']} rank(s) in {speed['generation_wall_s']:.1f} s: "
+          f"{speed['world_size']} rank(s) x {speed.get('threads_per_rank')} thread(s) in "
+          f"{speed['generation_wall_s']:.1f} s: "
           f"{num(speed['images_per_s'], '.2f')} img/s, {num(speed['s_per_image'], '.4f')} s/img (first batch "
           f"excluded); peak memory {num(peak / 2**30 if peak is not None else None, '.2f')} GiB "
           f"({speed['peak_memory_kind']})", flush=True)

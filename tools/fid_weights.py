@@ -24,6 +24,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -88,7 +89,9 @@ def torchscript_path() -> str:
 
 
 def load_torchscript(path: str | None = None) -> torch.jit.ScriptModule:
-    return torch.jit.load(path or torchscript_path(), map_location="cpu").eval()
+    with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format the wheel ships
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(path or torchscript_path(), map_location="cpu").eval()
 
 
 def convert(ts: torch.jit.ScriptModule, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

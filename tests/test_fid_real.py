@@ -73,7 +73,7 @@ def digits(tmp_path_factory):
 def torchscript_features(ts, folder: Path) -> np.ndarray:
     """2048-d features by the wheel's TorchScript: files read by PIL, torch-fidelity's resize to 299, [-1, 1]."""
     files = sorted(folder.glob("*.png"))
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
     x = interpolate_bilinear_2d_like_tensorflow1x(x.to(torch.float32), size=(299, 299), align_corners=False)
     with torch.inference_mode():
         return ts((x - 128) / 128).double().numpy()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import os
 import sys
 import tempfile
@@ -169,7 +170,12 @@ def build(output: str, force: bool = False, ts_path: str | None = None) -> dict:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
     os.close(fd)
     try:
-        torch.save(state, tmp)
+        # through memory: torch.save to a path names the archive after the (random) file name, which would give
+        # every build another hash
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
         diff = max_feature_difference(tmp, ts)
         if not diff <= MAX_ABS_DIFF:  # also refuses NaN
             raise RuntimeError(f"the converted network does not reproduce the TorchScript (max |difference| of the "

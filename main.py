@@ -132,8 +132,9 @@ def get_args_parser():
     a("--sampler", default="maruyama", choices=["maruyama", "euler", "heun"])
     a("--num_sampling_steps", type=int, default=100)
     a("--fid_stats", default=None, help="reference statistics .npz (default by --img_size)")
-    a("--fid_ref_dir", default=None, help="reference image folder instead of --fid_stats")
-    a("--fid_weights", default=None, help="Inception weights file")
+    a("--fid_ref_dir", default=None, help="reference image folder instead of --fid_stats (adds precision/recall)")
+    a("--fid_weights", default=None, help="Inception weights file (tools/fid_weights.py makes one offline)")
+    a("--fid_batch_size", type=int, default=100, help="images per Inception forward pass when scoring")
     a("--skip_metrics", action="store_true", help="only generate the evaluation images, score nothing")
     a("--eval_dtype", default=None, choices=["fp32", "bf16", "fp16"], help="autocast while sampling")
     a = p.add_argument_group("digits report (--preset)").add_argument
@@ -181,7 +182,8 @@ def check_args(parser, args):
             parser.error(why)
 
     for name in ("batch_size", "gradient_accumulation_steps", "epochs", "save_last_freq", "eval_freq", "log_freq",
-                 "num_images", "eval_bsz", "num_sampling_steps", "pixel_patch", "report_per_class", "grid_per_class"):
+                 "num_images", "eval_bsz", "fid_batch_size", "num_sampling_steps", "pixel_patch", "report_per_class",
+                 "grid_per_class"):
         need(getattr(args, name) >= 1, f"--{name} must be at least 1")
     need(args.save_every_steps >= 0 and args.seed >= 0 and args.num_workers >= 0,
          "--save_every_steps, --seed and --num_workers must not be negative")

@@ -255,6 +255,8 @@ def test_metrics_written_and_logged(tmp_path, reference, model):
     args.fid_stats, args.fid_ref_dir = None, ref_dir
     again = ev.run_evaluation(model, TinyTokenizer(), args, epoch=5, feature_extractor=extractor)
     assert abs(again["fid"]) < 1e-3 and again["speed"]["images_skipped"] == N
+    # a reference folder also gives precision/recall; the same set covers itself fully
+    assert (again["precision"], again["recall"]) == (1.0, 1.0) and result["precision"] is None
     lines = Path(tmp_path, "run", "eval_results.jsonl").read_text().splitlines()
     assert [json.loads(x)["fid_reference"] for x in lines] == [stats, ref_dir]
     assert len(pngs(result["folder"])) == N

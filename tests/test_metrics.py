@@ -241,6 +241,26 @@ def test_frechet_distance_rejects_mismatched_shapes():
     assert M.frechet_distance(np.zeros(3), np.eye(3), np.ones(3), 4 * np.eye(3)) == pytest.approx(3 + 3 + 12 - 12)
 
 
+def test_precision_recall_on_features():
+    """k-NN manifolds (k=3): a generated set covering half of the reference's spread has precision 1 and recall
+    ~half; swapping the roles swaps the two. Checked against a direct count on the same points."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(200, 8))
+    gen = ref[:100] * 0.5
+    p, r = M.precision_recall(gen, ref)
+    dist = lambda x, y: np.linalg.norm(x[:, None] - y[None], axis=-1)  # noqa: E731
+    radius_ref, radius_gen = np.sort(dist(ref, ref), 1)[:, 3], np.sort(dist(gen, gen), 1)[:, 3]
+    assert p == pytest.approx((dist(gen, ref) <= radius_ref).any(1).mean(), abs=1e-6)  # a float32 mean
+    assert r == pytest.approx((dist(ref, gen) <= radius_gen).any(1).mean(), abs=1e-6)
+    assert p > 0.95 and r < 0.8
+    assert M.precision_recall(ref, gen) == pytest.approx((r, p), abs=1e-6)
+    assert M.precision_recall(torch.from_numpy(ref), ref) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="more than 3 samples"):
+        M.precision_recall(ref[:3], ref)
+    with pytest.raises(ValueError, match=r"\(N, D\) and \(M, D\)"):
+        M.precision_recall(ref, ref[:, :4])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # compute_metrics end to end (offline weights path)
 
@@ -248,13 +268,16 @@ def test_frechet_distance_rejects_mismatched_shapes():
 def test_compute_metrics_self_and_shifted(weights, image_sets, features, small_input):
     kw = dict(feature_extractor_weights_path=weights, device="cpu", batch_size=5, num_workers=0, fid_feature=FEAT)
     same = M.compute_metrics(image_sets["a"], ref_dir=image_sets["a"], **kw)
-    assert set(same) == {"fid", "inception_score_mean", "inception_score_std", "num_images"}
-    assert same["num_images"] == N_IMAGES
+    assert set(same) == {"fid", "inception_score_mean", "inception_score_std", "precision", "recall", "num_images",
+                         "num_ref_images", "inception_weights", "inception_weights_sha256"}
+    assert same["num_images"] == same["num_ref_images"] == N_IMAGES and same["precision"] is None
+    assert same["inception_weights"] == weights and same["inception_weights_sha256"] == M.file_sha256(weights)
     assert abs(same["fid"]) < 1e-3
     assert same["inception_score_mean"] == pytest.approx(M.inception_score(features["a"][M.ISC_FEATURE])[0], rel=1e-5)
 
-    shifted = M.compute_metrics(image_sets["a"], ref_dir=image_sets["b"], isc=False, **kw)
+    shifted = M.compute_metrics(image_sets["a"], ref_dir=image_sets["b"], isc=False, prc=True, **kw)
     assert shifted["inception_score_mean"] is None and shifted["inception_score_std"] is None
+    assert (shifted["precision"], shifted["recall"]) == M.precision_recall(features["a"][FEAT], features["b"][FEAT])
     expected = M.frechet_distance(*M.features_to_stats(features["a"][FEAT]), *M.features_to_stats(features["b"][FEAT]))
     assert shifted["fid"] == pytest.approx(expected, rel=1e-4)
     assert shifted["fid"] > 1.0 and shifted["fid"] > 1e3 * abs(same["fid"])
@@ -457,6 +480,8 @@ def test_compute_metrics_fails_fast_on_bad_reference(image_sets, tmp_path):
         M.compute_metrics(
             image_sets["a"], ref_dir=image_sets["b"], ref_stats=tmp_path / "x.npz", feature_extractor=boom
         )
+    with pytest.raises(ValueError, match="Precision/recall need reference images"):
+        M.compute_metrics(image_sets["a"], ref_stats=tmp_path / "x.npz", prc=True, feature_extractor=boom)
     with pytest.raises(FileNotFoundError, match="No images"):
         (tmp_path / "empty").mkdir()
         M.compute_metrics(tmp_path / "empty", fid=False, feature_extractor=boom)

@@ -58,8 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fid_weights",
         default=None,
-        help="torch-fidelity Inception weights (weights-inception-2015-12-05-6726825d.pth); "
-        "default: torch-fidelity's cache under $TORCH_HOME/hub/checkpoints (nothing is downloaded)",
+        help="torch-fidelity Inception weights (weights-inception-2015-12-05-6726825d.pth, or the file "
+        "tools/fid_weights.py builds from a registry package); default: torch-fidelity's cache under "
+        "$TORCH_HOME/hub/checkpoints (nothing is downloaded)",
     )
     p.add_argument(
         "--feature_layer",

@@ -502,14 +502,20 @@ def run_evaluation(model, tokenizer, args, epoch=None, log_writer=None, feature_
     rank, _ = _dist_info()
     out_dir = eval_dir(args, epoch, model)
     skip_metrics = bool(getattr(args, "skip_metrics", False))
+    weights = getattr(args, "fid_weights", None)
     ref_stats = ref_dir = None
+    isc_unavailable = None  # why there is no Inception Score, when the weights cannot give one
 
     def check_references():
         # Before generating, so that a missing file fails in seconds rather than after hours of sampling.
-        nonlocal ref_stats, ref_dir
+        nonlocal ref_stats, ref_dir, isc_unavailable
         ref_stats, ref_dir = resolve_fid_reference(args)
-        if feature_extractor is None:
-            metrics_lib.resolve_inception_weights(getattr(args, "fid_weights", None))
+        if feature_extractor is None and not metrics_lib.inception_weights_have_logits(weights):
+            isc_unavailable = (f"{metrics_lib.resolve_inception_weights(weights)} has no logits head (made by "
+                               "tools/fid_weights.py); the Inception Score needs torch-fidelity's own "
+                               f"{metrics_lib.INCEPTION_WEIGHTS_FILENAME}")
+            print(f"[eval] no Inception Score: {isc_unavailable}; scoring FID"
+                  f"{' and precision/recall' if ref_dir else ''} only", flush=True)
 
     if not skip_metrics:
         # Only rank 0 scores, so only its node needs the statistics and the Inception weights.
@@ -521,16 +527,19 @@ def run_evaluation(model, tokenizer, args, epoch=None, log_writer=None, feature_
     if rank == 0:
         n = int(args.num_images)
         _check_folder(out_dir, n)
-        scores = {"fid": None, "inception_score_mean": None, "inception_score_std": None, "num_images": n}
+        scores = {"fid": None, "inception_score_mean": None, "inception_score_std": None, "precision": None,
+                  "recall": None, "num_images": n}
         if not skip_metrics:
             device = _module_device(model, torch.device("cpu"))
+            # precision/recall need reference samples: only with a reference folder
             scores = metrics_lib.compute_metrics(
-                out_dir, ref_stats=ref_stats, ref_dir=ref_dir,
-                feature_extractor_weights_path=getattr(args, "fid_weights", None), device=device,
-                batch_size=int(getattr(args, "fid_batch_size", 100) or 100), feature_extractor=feature_extractor)
-        result = {**scores, "metrics_skipped": skip_metrics, "fid_reference": ref_stats or ref_dir,
-                  "folder": os.path.abspath(out_dir), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "settings": _settings(model, args, epoch), "speed": speed}
+                out_dir, ref_stats=ref_stats, ref_dir=ref_dir, feature_extractor_weights_path=weights, device=device,
+                batch_size=int(getattr(args, "fid_batch_size", 100)), isc=isc_unavailable is None,
+                prc=ref_dir is not None, feature_extractor=feature_extractor)
+        result = {**scores, "inception_score_unavailable": isc_unavailable, "metrics_skipped": skip_metrics,
+                  "fid_reference": ref_stats or ref_dir, "folder": os.path.abspath(out_dir),
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": _settings(model, args, epoch),
+                  "speed": speed}
         _atomic_write_json(os.path.join(out_dir, "metrics.json"), result)
         _append_jsonl(os.path.join(args.output_dir, "eval_results.jsonl"), result)
         _report(result, log_writer, epoch)
@@ -545,9 +554,11 @@ def _report(result, log_writer, epoch):
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
     peak = speed["peak_memory_bytes"]
+    prc = (f"  precision {num(result['precision'], '.4f')}  recall {num(result['recall'], '.4f')}"
+           if result.get("precision") is not None else "")
     print(f"[eval] {result['folder']}\n"
           f"[eval] FID {num(result['fid'], '.4f')}  IS {num(result['inception_score_mean'], '.2f')} "
-          f"± {num(result['inception_score_std'], '.2f')}  ({result['num_images']} images)\n"
+          f"± {num(result['inception_score_std'], '.2f')}{prc}  ({result['num_images']} images)\n"
           f"[eval] generated {speed['images_generated']} (skipped {speed['images_skipped']} already written) on "
           f"{speed['world_size']} rank(s) x {speed.get('threads_per_rank')} thread(s) in "
           f"{speed['generation_wall_s']:.1f} s: "
@@ -559,8 +570,9 @@ def _report(result, log_writer, epoch):
               flush=True)
     if log_writer is not None:
         step = 0 if epoch is None else int(epoch)
-        for tag, key in (("eval/fid", "fid"), ("eval/inception_score", "inception_score_mean")):
-            if result[key] is not None:
+        for tag, key in (("eval/fid", "fid"), ("eval/inception_score", "inception_score_mean"),
+                         ("eval/precision", "precision"), ("eval/recall", "recall")):
+            if result.get(key) is not None:
                 log_writer.add_scalar(tag, result[key], step)
         if speed["images_per_s"] is not None:
             log_writer.add_scalar("eval/images_per_s", speed["images_per_s"], step)

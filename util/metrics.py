@@ -40,6 +40,7 @@ from torch_fidelity.datasets import ImagesPathDataset, TransformPILtoRGBTensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.utils import glob_samples_paths
 from tqdm import tqdm
 
@@ -62,6 +63,7 @@ __all__ = [
     "features_to_stats",
     "frechet_distance",
     "inception_score",
+    "precision_recall",
     "load_stats",
     "save_stats",
     "compute_metrics",
@@ -76,6 +78,8 @@ INCEPTION_WEIGHTS_FILENAME = os.path.basename(urlparse(URL_INCEPTION_V3).path)
 _EXTRACTOR_NAME = "inception-v3-compat"
 IMAGE_EXTENSIONS = "png,jpg,jpeg"
 _LOSSY_EXTENSIONS = "jpg,jpeg"
+PRC_NEIGHBORHOOD = 3  # k of Kynkäänniemi et al. (2019), torch-fidelity's default
+_PRC_BATCH = 1000  # rows of the pairwise-distance matrix held at once: 1000 x 50k float32 is 200 MB
 
 FeatureFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
@@ -423,6 +427,28 @@ def inception_score(
         raise ValueError(f"Need logits of shape (N >= splits={splits}, C) for the Inception Score, got {logits.shape}.")
     out = isc_features_to_metric(logits.cpu(), splits=splits, shuffle=shuffle, rng_seed=rng_seed)
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+
+
+def precision_recall(
+    gen_features: torch.Tensor | np.ndarray,
+    ref_features: torch.Tensor | np.ndarray,
+    neighborhood: int = PRC_NEIGHBORHOOD,
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., 2019) of (N, D) generated vs (M, D) reference features,
+    by torch-fidelity's ``prc``: precision is the share of generated samples inside some reference sample's
+    k-nearest-neighbour ball (k = ``neighborhood``), recall the share of reference samples inside some generated
+    sample's ball. Works on any features (Inception pool features here)."""
+    gen = torch.as_tensor(gen_features, dtype=torch.float32).cpu()
+    ref = torch.as_tensor(ref_features, dtype=torch.float32).cpu()
+    if gen.dim() != 2 or ref.dim() != 2 or gen.shape[1] != ref.shape[1]:
+        raise ValueError(f"Need (N, D) and (M, D) features for precision/recall, got {tuple(gen.shape)} and "
+                         f"{tuple(ref.shape)}.")
+    if min(len(gen), len(ref)) <= neighborhood:
+        raise ValueError(f"Precision/recall with k={neighborhood} need more than {neighborhood} samples on each "
+                         f"side, got {len(gen)} generated and {len(ref)} reference.")
+    out = prc_features_to_metric(gen, ref, prc_neighborhood=neighborhood, prc_batch_size=_PRC_BATCH,
+                                 save_cpu_ram=True, verbose=False)
+    return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

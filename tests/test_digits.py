@@ -129,6 +129,9 @@ def test_digits_preset_writes_grid_and_report_then_resumes(digit_root, tmp_path)
     assert report["training"]["steps"] == 2 and report["training"]["train_seconds"] > 0
     assert report["sampling"]["cfg"] == digits.PRESETS["digits"]["cfg"] and report["sampling"]["ema"]
     assert 0.0 <= report["judge"]["real_accuracy"] <= 1.0 and report["judge"]["trained_on"] == 2000
+    div = report["diversity"]  # 3 per class: 30 generated against 30 real training digits, floor 30 others
+    assert div["num_generated"] == div["num_reference"] == div["num_floor"] == 30
+    assert div["generated"]["fd"] > div["real_floor"]["fd"] >= 0.0 and 0.0 <= div["real_floor"]["recall"] <= 1.0
     with Image.open(out / digits.GRID_NAME) as grid:
         pad, side = 2, 32
         assert grid.size == (2 * (side + pad) + pad, 10 * (side + pad) + pad)

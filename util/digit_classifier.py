@@ -1,5 +1,7 @@
 """A small CNN digit classifier that judges generated digits: trained on held-out real digits the
-generator never saw, it reports how often a generated image is read as the class it was asked for.
+generator never saw, it reports how often a generated image is read as the class it was asked for, and, in
+its penultimate features, how far the generated digits lie from real ones (Fréchet distance, precision and
+recall) next to the same numbers for real digits it never saw (the floor).
 
 Real digits reach it by the path the generator's training data takes (resized to the run's image size by
 the data pipeline), generated ones come at that size: both are then brought to the classifier's input
@@ -15,6 +17,7 @@ from PIL import Image
 
 from util.checkpoint import atomic_write
 from util.data import IMG_EXTENSIONS, center_crop_arr
+from util.metrics import features_to_stats, frechet_distance, precision_recall
 
 INPUT_SIDE = 28  # MNIST's own resolution
 TRAINING = dict(epochs=10, batch_size=64, lr=2e-3, seed=0)
@@ -111,3 +114,60 @@ def load_or_train(data_root, img_size, log=print):
     payload = {"key": key, "num_classes": int(y.max()) + 1, "model": model.state_dict(), "summary": summary}
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return model, summary
+
+
+@torch.no_grad()
+def features(model, images, batch_size=512):
+    """The classifier's penultimate activations (N, 128) of images (N, C, H, W) in [-1, 1]."""
+    body = nn.Sequential(*list(model)[:-1])  # all but the final class layer
+    return torch.cat([body(to_classifier_input(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+
+
+def split_real(images, labels, per_class, seed=0):
+    """Two disjoint, class-balanced sets of `per_class` real images per class (a seeded draw): the reference
+    that generated digits are measured against, and the floor's other set. Returns ((ref, ref_labels),
+    (floor, floor_labels))."""
+    g = torch.Generator().manual_seed(seed)
+    ref, other = [], []
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).flatten()
+        if len(idx) < 2 * per_class:
+            raise ValueError(f"class {int(c)} has {len(idx)} real digits, fewer than the 2 x {per_class} that a "
+                             f"reference set and a disjoint floor set of {per_class} each need; lower "
+                             f"--report_per_class")
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        ref.append(idx[:per_class])
+        other.append(idx[per_class:2 * per_class])
+    ref, other = torch.cat(ref), torch.cat(other)
+    return (images[ref], labels[ref]), (images[other], labels[other])
+
+
+def distance(gen_features, ref_features, ref_stats=None):
+    """{'fd', 'precision', 'recall'} of (N, D) generated vs (M, D) reference features; `ref_stats` = the
+    reference's (mean, covariance) when already computed."""
+    mu, sigma = ref_stats if ref_stats is not None else features_to_stats(ref_features)
+    precision, recall = precision_recall(gen_features, ref_features)
+    return {"fd": round(frechet_distance(*features_to_stats(gen_features), mu, sigma), 3),
+            "precision": round(float(precision), 4), "recall": round(float(recall), 4)}
+
+
+def diversity(model, images, real_images, real_labels, per_class, seed=0):
+    """Generated digits (N = per_class x classes) against `per_class` real digits per class, and, as the floor,
+    as many other real digits (disjoint from those) against the same reference: FD, precision and recall
+    (k = 3) in the classifier's penultimate features. The real digits should be ones the classifier never saw
+    (the generator's training digits): held-out ones flatter the floor."""
+    (ref, _), (floor, _) = split_real(real_images, real_labels, per_class, seed)
+    ref_f = features(model, ref)
+    ref_stats = features_to_stats(ref_f)
+    return {"generated": distance(features(model, images), ref_f, ref_stats),
+            "real_floor": distance(features(model, floor), ref_f, ref_stats),
+            "num_reference": len(ref), "num_floor": len(floor), "num_generated": len(images),
+            "features": f"classifier penultimate layer ({ref_f.shape[1]})", "seed": seed}
+
+
+def diversity_line(div):
+    g, f = div["generated"], div["real_floor"]
+    return (f"in the classifier's features, generated vs {div['num_reference']} real training digits: FD "
+            f"{g['fd']:.1f}, precision {g['precision']:.2f}, recall {g['recall']:.2f} (the floor, "
+            f"{div['num_floor']} other real digits: FD {f['fd']:.1f}, precision {f['precision']:.2f}, recall "
+            f"{f['recall']:.2f})")

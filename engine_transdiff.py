@@ -1,8 +1,10 @@
-"""Training, evaluation and latent caching: one engine for 1-Step and MRAR.
+"""The run: build it, train it (epoch loop, steps, saves, online evaluation), evaluate a checkpoint, cache
+latents; one engine for 1-Step and MRAR. main.py parses and checks the command line, then calls `train` or
+`evaluate` here.
 
-A `Run` holds what a training run is made of (models, optimizer, data, position). Progress is counted in
-optimizer steps and in samples (an MRAR sample is a row of four images); the lr schedule follows the
-fractional epoch, so a run resumed on another world size stays on the same schedule.
+A `Run` holds what a training run is made of (models, optimizer, data, position); `build_run` makes it whole.
+Progress is counted in optimizer steps and in samples (an MRAR sample is a row of four images); the lr schedule
+follows the fractional epoch, so a run resumed on another world size stays on the same schedule.
 """
 import contextlib
 import math
@@ -21,15 +23,32 @@ from models.pretrained import (
     CheckpointError,
     adapt_state_dict,
     check_compatible,
+    checkpoint_args,
+    infer_config,
+    mode_from_shapes,
     pick_weights,
     read_checkpoint,
     resolve_checkpoint_path,
 )
-from models.tokenizers import latents_from_moments
-from util.checkpoint import LAST, atomic_write, capture_rng, checkpoint_name, restore_rng, save_checkpoint
+from models.tokenizers import latents_from_moments, tokenizer_geometry
+from models.transdiff import build_model
+from util import data
+from util.amp import autocast
+from util.checkpoint import (
+    LAST,
+    atomic_write,
+    capture_rng,
+    checkpoint_name,
+    restore_rng,
+    save_checkpoint,
+    seed_everything,
+)
 from util.distributed import all_gather_object, all_reduce_sum
-from util.logger import get_logger
+from util.errors import UserError
+from util.evaluation import SamplingSettings
+from util.logger import MetricsLog, get_logger
 from util.lr_sched import adjust_learning_rate
+from util.optim import EMA, build_adamw
 
 log = get_logger()
 
@@ -75,7 +94,29 @@ class Run:
         return self.steps_per_epoch * self.samples_per_step
 
 
-# ------------------------------------------------------------------ set-up helpers
+# ------------------------------------------------------------------ building the run
+def model_kwargs(args):
+    """Transdiff keyword arguments of the command line (the size's own on top of MODEL_SIZES)."""
+    vae_stride, vae_embed_dim = tokenizer_geometry(args)
+    kw = dict(img_size=args.img_size, patch_size=args.patch_size, vae_embed_dim=vae_embed_dim,
+              vae_stride=vae_stride, label_drop_prob=args.label_drop_prob,
+              class_num=args.class_num, attn_dropout=args.attn_dropout, proj_dropout=args.proj_dropout,
+              buffer_size=args.buffer_size, diffusion_batch_mul=args.diffusion_batch_mul,
+              grad_checkpointing=args.grad_checkpointing, mrar=args.mrar, decoder=args.decoder)
+    if args.diffloss_w is not None:
+        kw["decoder_embed_dim"] = args.diffloss_w
+    if args.diffloss_d is not None:
+        kw["decoder_depth"] = args.diffloss_d
+    return kw
+
+
+def condition_count(args, sd):
+    """A 1-Step encoder keeps the condition count it was trained with (256 at 256 and at 512 px)."""
+    if args.mrar:
+        return {}
+    return {"num_conditions": infer_config(sd, args.vae_embed_dim, mrar=False).get("num_conditions")}
+
+
 def set_trainable(model, args):
     """Freeze what must not train; returns the names to keep out of the optimizer.
 
@@ -101,10 +142,6 @@ def amp_settings(args, device):
     return None, torch.amp.GradScaler(device.type, enabled=False)
 
 
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def to_latents(x, tokenizer, use_cached):
     """Scaled latents for images (..., 3, H, W) or cached moments (..., 2C, h, w); leading dims kept."""
@@ -114,6 +151,75 @@ def to_latents(x, tokenizer, use_cached):
     else:
         z = tokenizer.encode(flat).sample() * tokenizer.scale_factor
     return z.reshape(*lead, *z.shape[1:])
+
+
+def build_data(args, dist):
+    """(dataset, resumable sampler, loader, class names) of the training data."""
+    seed = args.seed
+    if args.mrar:
+        root = args.cached_path if args.use_cached else data.resolve_train_dir(args.data_path)
+        dataset, classes = data.mrar_dataset(args.mrar_index, root, args.class_num, seed, args.img_size,
+                                             cached=args.use_cached, hflip=args.hflip)
+    elif args.use_cached:
+        dataset, classes = data.cached_folder(args.cached_path, args.class_num, seed, hflip=args.hflip)
+    else:
+        dataset, classes = data.image_folder(args.data_path, args.img_size, args.class_num, seed, hflip=args.hflip)
+    if args.use_cached:  # a cache of another resolution or tokenizer must not train silently
+        x = dataset[0][0]
+        stride, embed_dim = tokenizer_geometry(args)
+        want = (2 * embed_dim, args.img_size // stride, args.img_size // stride)
+        if tuple(x.shape[-3:]) != want:
+            raise UserError(f"cached latents in {args.cached_path} have shape {tuple(x.shape[-3:])}, --img_size "
+                            f"{args.img_size} needs {want}: run main_cache.py with this --img_size")
+    sampler = data.ResumableDistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=seed)
+    loader = data.build_loader(dataset, sampler, args.batch_size, args.num_workers,
+                               args.pin_mem and dist.device.type == "cuda", seed)
+    if len(loader) < args.gradient_accumulation_steps:
+        what = "MRAR rows (groups of four images)" if args.mrar else "training images"
+        more = ("build an index with more rows (tools/build_mrar_index.py --repeats N) or give more images per "
+                "class" if args.mrar else "give more images (--data_path)")
+        raise UserError(f"{len(dataset)} {what} make {len(loader)} full batches of --batch_size {args.batch_size} "
+                        f"per process on {dist.world_size} process(es), but one optimizer step needs "
+                        f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: lower --batch_size or "
+                        f"--gradient_accumulation_steps, run fewer processes, or {more}")
+    return dataset, sampler, loader, classes
+
+
+def build_run(args, dist, tokenizer, writer):
+    """The whole run: the model (from the start checkpoint when there is one), EMA, optimizer, data, position."""
+    start = find_start_checkpoint(args)
+    if len(set(all_gather_object(start))) > 1:
+        raise CheckpointError("the processes do not agree on the checkpoint to start from: --output_dir and "
+                              "--resume must be on a filesystem that every node sees")
+    ckpt = read_checkpoint(start) if start else None
+    kw = {**model_kwargs(args), **(condition_count(args, ckpt["model"]) if ckpt else {})}
+    model = build_model(args.model, **kw).to(dist.device)
+    excluded = set_trainable(model, args)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info(f"{args.model}{' MRAR' if args.mrar else ''} at {args.img_size} px: "
+             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trained")
+    if args.mrar and args.patch_size != 1:
+        log.info(f"--patch_size {args.patch_size}: MRAR decodes single latent cells (patch 1), as released")
+    amp_dtype, scaler = amp_settings(args, dist.device)
+    ema, optimizer = EMA(model, args.ema_rate), build_adamw(model, args.lr, args.weight_decay, excluded)
+    dataset, sampler, loader, classes = build_data(args, dist)
+    steps_per_epoch = len(loader) // args.gradient_accumulation_steps
+    log.info(f"{len(dataset)} {'MRAR rows' if args.mrar else 'samples'} of {len(classes)} classes; "
+             f"{steps_per_epoch} optimizer steps of {args.eff_batch_size} per epoch; lr {args.lr:.3g}; "
+             f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp16' if amp_dtype else 'fp32'} on {dist.device}")
+    state, rng_states = TrainState(), None
+    if ckpt is not None:
+        state, rng_states = load_start(args, start, ckpt, model, ema, optimizer, scaler, steps_per_epoch,
+                                       args.eff_batch_size)
+    wrapped = model
+    if dist.world_size > 1:
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        wrapped = DDP(model, device_ids=ids, output_device=ids[0] if ids else None, forward_sync_buffers=False)
+    return Run(args=args, dist=dist, model=wrapped, raw=model, ema=ema, optimizer=optimizer, scaler=scaler,
+               amp_dtype=amp_dtype, tokenizer=tokenizer, dataset=dataset, sampler=sampler, loader=loader, state=state,
+               samples_per_step=args.eff_batch_size, steps_per_epoch=steps_per_epoch,
+               metrics=MetricsLog(args.output_dir, resume_step=state.step) if dist.is_main else None,
+               writer=writer if dist.is_main else None, rng_states=rng_states)
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -140,11 +246,10 @@ def _same_path(a, b):
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def load_start(run, path, ckpt=None):
-    """Load the start checkpoint into `run`: a full resume when it fits the model exactly, else a fine-tuning
-    start (1-Step -> MRAR, 256 -> 512 px) from its EMA weights with a fresh optimizer at epoch 0."""
-    args, raw = run.args, run.raw
-    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+def load_start(args, path, ckpt, raw, ema, optimizer, scaler, steps_per_epoch, samples_per_step):
+    """Load the start checkpoint into the run's parts: a full resume when it fits the model exactly, else a
+    fine-tuning start (1-Step -> MRAR, 256 -> 512 px) from its EMA weights with a fresh optimizer at epoch 0.
+    Returns (TrainState, the per-rank RNG states to restore or None)."""
     own = _same_path(os.path.dirname(os.path.abspath(path)), args.output_dir)
     try:
         check_compatible(raw, ckpt["model"], source=f"checkpoint {path}")
@@ -154,37 +259,37 @@ def load_start(run, path, ckpt=None):
                                   f"--output_dir") from None
         sd, notes = adapt_state_dict(pick_weights(ckpt, use_ema=True), raw)
         raw.load_state_dict(sd, strict=True)
-        run.ema.load_state_dict(sd)
+        ema.load_state_dict(sd)
         which = "EMA weights (model_ema)" if isinstance(ckpt.get("model_ema"), dict) else "weights (model)"
         log.info(f"fine-tuning start from the {which} of {path}, for both model and EMA; fresh optimizer, epoch 0")
         for note in notes:
             log.info(f"  adapted: {note}")
-        return
+        return TrainState(), None
     raw.load_state_dict(ckpt["model"], strict=True)
     if isinstance(ckpt.get("model_ema"), dict):
         check_compatible(raw, ckpt["model_ema"], source=f"model_ema of {path}")
-        run.ema.load_state_dict(ckpt["model_ema"])
+        ema.load_state_dict(ckpt["model_ema"])
     else:
         log.info(f"{path} holds no model_ema: the EMA restarts from the model weights")
-        run.ema.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["model"])
     if "optimizer" in ckpt:
         try:
-            run.optimizer.load_state_dict(ckpt["optimizer"])
+            optimizer.load_state_dict(ckpt["optimizer"])
         except ValueError as e:
             raise CheckpointError(f"the optimizer state in {path} does not fit this run's parameter groups ({e}); "
                                   f"was --only_train_diff changed?") from None
-    if run.scaler.is_enabled() and ckpt.get("scaler"):
-        run.scaler.load_state_dict(ckpt["scaler"])
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     ts = ckpt.get("train_state")
     if ts:
-        run.state = TrainState(**{k: ts.get(k, v) for k, v in asdict(TrainState()).items()})
+        state = TrainState(**{k: ts.get(k, v) for k, v in asdict(TrainState()).items()})
     else:  # a released checkpoint: `epoch` is the last completed epoch
         epoch = int(ckpt.get("epoch", -1)) + 1
-        run.state = TrainState(epoch=epoch, step=epoch * run.steps_per_epoch,
-                               images_seen=epoch * run.steps_per_epoch * run.samples_per_step)
-    run.rng_states = ckpt.get("rng")
-    log.info(f"resumed from {path}: epoch {run.state.epoch}, {run.state.samples_in_epoch} samples into it, "
-             f"optimizer step {run.state.step}, {run.state.images_seen / 1000:.1f} kimg seen")
+        state = TrainState(epoch=epoch, step=epoch * steps_per_epoch,
+                           images_seen=epoch * steps_per_epoch * samples_per_step)
+    log.info(f"resumed from {path}: epoch {state.epoch}, {state.samples_in_epoch} samples into it, "
+             f"optimizer step {state.step}, {state.images_seen / 1000:.1f} kimg seen")
+    return state, ckpt.get("rng")
 
 
 def restore_rng_states(run):
@@ -326,18 +431,70 @@ def train_one_epoch(run, epoch):
     return True
 
 
-def evaluate(raw, ema, tokenizer, args, epoch=None, writer=None):
-    """The evaluation of util.evaluation on the EMA weights (the model's own with --eval_wo_ema), under a
-    forked RNG so that training draws the same numbers whether or not it evaluates."""
-    from util.evaluation import run_evaluation  # not needed by a run without evaluation
+def train(args, dist, tokenizer, writer):
+    """Train from the start checkpoint (or scratch) to --epochs or --max_train_steps: each epoch, then the
+    checkpoints it is due (checkpoint-last.pth is never older than another), then its online evaluation."""
+    run = build_run(args, dist, tokenizer, writer)
+    seed_everything(args.seed + dist.rank)  # the model was made alike on every rank; the draws now differ
+    restore_rng_states(run)
+    if run.state.epoch >= args.epochs:
+        log.info(f"the run already trained {run.state.epoch} of --epochs {args.epochs}: nothing to do")
+    for epoch in range(run.state.epoch, args.epochs):
+        if not train_one_epoch(run, epoch):
+            break
+        done = epoch + 1
+        eval_epoch = done % args.eval_freq == 0 or done == args.epochs
+        if done % args.save_last_freq == 0 or eval_epoch:
+            save(run, epochs_done=done if eval_epoch else None)
+        if eval_epoch and args.online_eval:
+            metrics = evaluate_weights(run.raw, run.ema, tokenizer, args, epoch=done, writer=writer)
+            if metrics:
+                log.info(f"epoch {done} evaluation: FID {metrics.get('fid')}, "
+                         f"IS {metrics.get('inception_score_mean')}")
+    if run.metrics:
+        run.metrics.close()
+    return run
 
+
+# ------------------------------------------------------------------ evaluation
+def evaluate_weights(raw, ema, tokenizer, args, epoch=None, writer=None):
+    """engine_eval's evaluation of the EMA weights (the model's own with --eval_wo_ema), under a forked RNG so
+    that training draws the same numbers whether or not it evaluates. Collective."""
+    from engine_eval import run_evaluation  # not needed by a run without evaluation
+
+    sampling = SamplingSettings.from_args(args)
     device = next(raw.parameters()).device
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        if args.eval_wo_ema or ema is None:
-            return run_evaluation(raw, tokenizer, args, epoch=epoch, log_writer=writer)
-        with ema.swapped_in(raw):
-            return run_evaluation(raw, tokenizer, args, epoch=epoch, log_writer=writer)
+        with contextlib.nullcontext() if not sampling.ema or ema is None else ema.swapped_in(raw):
+            return run_evaluation(raw, tokenizer, args, epoch=epoch, log_writer=writer, sampling=sampling)
+
+
+def evaluate(args, dist, tokenizer, writer):
+    """--evaluate: the checkpoint of --resume (or --output_dir), built as the mode it holds, evaluated."""
+    path = resolve_checkpoint_path(args.resume if args.resume else args.output_dir, args.load_step)
+    ckpt = read_checkpoint(path)
+    sd = pick_weights(ckpt, use_ema=not args.eval_wo_ema)
+    mrar = checkpoint_args(ckpt).get("mrar")
+    if mrar is None:  # a checkpoint without args: its shapes tell, unless they fit both modes
+        mrar = mode_from_shapes(sd)
+        if mrar is None:
+            log.info(f"{path} records no mode and its shapes fit both: evaluating it as "
+                     f"{'MRAR' if args.mrar else '1-Step'} as --mrar says (pass --mrar for MRAR, omit it for 1-Step)")
+            mrar = args.mrar
+    mrar = bool(mrar)
+    if mrar != args.mrar:
+        log.info(f"{path} holds {'an MRAR' if mrar else 'a 1-Step'} model: evaluating it as such")
+        args.mrar = mrar
+    model = build_model(args.model, **model_kwargs(args), **condition_count(args, sd))
+    check_compatible(model, sd, source=f"checkpoint {path}")
+    model.load_state_dict(sd, strict=True)
+    model.to(dist.device).eval()
+    log.info(f"evaluating the {'raw' if args.eval_wo_ema else 'EMA'} weights of {path}")
+    metrics = evaluate_weights(model, None, tokenizer, args, epoch=ckpt.get("epoch"), writer=writer)
+    if metrics:
+        log.info(f"evaluation: FID {metrics.get('fid')}, IS {metrics.get('inception_score_mean')}")
+    return metrics
 
 
 # ------------------------------------------------------------------ latent caching

@@ -7,7 +7,6 @@
 Running the same command again resumes from --output_dir; see README.md for --resume and fine-tuning starts.
 """
 import argparse
-import contextlib
 import os
 import sys
 
@@ -17,37 +16,21 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+import digits_preset as digits
 import engine_transdiff as engine
-from models.pretrained import (
-    CheckpointError,
-    check_compatible,
-    checkpoint_args,
-    infer_config,
-    mode_from_shapes,
-    pick_weights,
-    read_checkpoint,
-    resolve_checkpoint_path,
-)
-from models.tokenizers import PIXEL_DEFAULTS, TOKENIZERS, build_tokenizer, tokenizer_geometry, tokenizer_needs_weights
+from models.pretrained import CheckpointError, resolve_checkpoint_path
+from models.tokenizers import add_tokenizer_args, build_tokenizer, check_tokenizer_args
 from models.transdiff import MODEL_SIZES, build_model
-from util import data, digits, runlock
+from util import data, runlock
 from util.checkpoint import LAST, save_json, seed_everything
-from util.distributed import all_gather_object, barrier, cleanup, init_distributed
+from util.distributed import barrier, cleanup, init_distributed
 from util.errors import OneLineParser, UserError, exit_on_user_error, report_once
-from util.logger import MetricsLog, setup_logger, tensorboard_writer
-from util.optim import EMA, build_adamw
+from util.evaluation import SamplingSettings, parse_cfg
+from util.logger import setup_logger, tensorboard_writer
 
 PROG = os.path.basename(__file__)
-
-
-def parse_cfg(text):
-    """--cfg: one number, or four comma-separated numbers (one per MRAR image)."""
-    values = [float(v) for v in str(text).split(",")]
-    if len(values) not in (1, 4):
-        raise argparse.ArgumentTypeError(f"--cfg takes one number or 4 comma-separated numbers, got {text!r}")
-    return values[0] if len(values) == 1 else values
+SAMPLING = SamplingSettings()  # the sampling flags' defaults
 
 
 def get_args_parser():
@@ -58,18 +41,7 @@ def get_args_parser():
     a = p.add_argument_group("model").add_argument
     a("--model", default="transdiff_large", choices=list(MODEL_SIZES))
     a("--img_size", type=int, default=256)
-    a("--tokenizer", default="kl16", choices=list(TOKENIZERS),
-      help="kl16: the VAE released with MAR (stride 16); pixel: pixel patches as tokens, for small images")
-    a("--vae_path", default="pretrained_models/vae/kl16.ckpt", help="the KL-16 VAE released with MAR")
-    a("--vae_unsafe_load", action="store_true",
-      help="read a --vae_path file that the safe loader refuses by full unpickling, which RUNS CODE FROM THE FILE: "
-           "only for files you trust")
-    a("--vae_embed_dim", type=int, default=None, help="latent channels: the tokenizer's (KL-16: 16; pixel: "
-                                                       "channels * patch^2); given, it must agree")
-    a("--pixel_patch", type=int, default=PIXEL_DEFAULTS["pixel_patch"], help="pixel tokenizer: patch side (stride)")
-    a("--pixel_channels", type=int, default=PIXEL_DEFAULTS["pixel_channels"], choices=[1, 3],
-      help="pixel tokenizer: 1 (grey; RGB averaged, decoded grey replicated to RGB) or 3")
-    a("--pixel_scale", type=float, default=PIXEL_DEFAULTS["pixel_scale"], help="pixel tokenizer: latent scale")
+    add_tokenizer_args(a)
     a("--patch_size", type=int, default=1, help="latent pixels per decoder token (1-Step; MRAR uses 1)")
     a("--mrar", action="store_true", help="Multi-Reference AutoRegression: four images of one class per sample")
     a("--diffloss_w", type=int, default=None, help="decoder width (default: the model size's width)")
@@ -98,7 +70,7 @@ def get_args_parser():
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--bf16", action="store_true", help="bf16 autocast (default on CUDA: fp16 with loss scaling)")
     a("--only_train_diff", action="store_true", help="freeze the AR encoder, train the diffusion decoder")
-    a("--seed", type=int, default=1)
+    a("--seed", type=int, default=SAMPLING.seed)
     a = p.add_argument_group("data").add_argument
     a("--data_path", default="./data/imagenet", help="ImageNet root holding train/ (or an ImageFolder)")
     a("--use_cached", action="store_true", help="train on latents cached by main_cache.py")
@@ -126,11 +98,11 @@ def get_args_parser():
     a("--eval_wo_ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     a("--num_images", type=int, default=50000)
     a("--eval_bsz", type=int, default=64)
-    a("--cfg", type=parse_cfg, default=1.0, help="guidance scale, or 4 comma-separated (MRAR)")
-    a("--scale_0", type=float, default=1.0, help="sampler drift scale")
-    a("--scale_1", type=float, default=1.0, help="sampler noise scale")
-    a("--sampler", default="maruyama", choices=["maruyama", "euler", "heun"])
-    a("--num_sampling_steps", type=int, default=100)
+    a("--cfg", type=parse_cfg, default=SAMPLING.cfg, help="guidance scale, or 4 comma-separated (MRAR)")
+    a("--scale_0", type=float, default=SAMPLING.scale_0, help="sampler drift scale")
+    a("--scale_1", type=float, default=SAMPLING.scale_1, help="sampler noise scale")
+    a("--sampler", default=SAMPLING.sampler, choices=["maruyama", "euler", "heun"])
+    a("--num_sampling_steps", type=int, default=SAMPLING.num_sampling_steps)
     a("--fid_stats", default=None, help="reference statistics .npz (default by --img_size)")
     a("--fid_ref_dir", default=None, help="reference image folder instead of --fid_stats (adds precision/recall)")
     a("--fid_weights", default=None, help="Inception weights file (tools/fid_weights.py makes one offline)")
@@ -151,30 +123,6 @@ def parse_args(parser, argv=None):
     return parser.parse_args(argv)
 
 
-def model_kwargs(args):
-    vae_stride, vae_embed_dim = tokenizer_geometry(args)
-    kw = dict(img_size=args.img_size, patch_size=args.patch_size, vae_embed_dim=vae_embed_dim,
-              vae_stride=vae_stride, label_drop_prob=args.label_drop_prob,
-              class_num=args.class_num, attn_dropout=args.attn_dropout, proj_dropout=args.proj_dropout,
-              buffer_size=args.buffer_size, num_sampling_steps=args.num_sampling_steps,
-              diffusion_batch_mul=args.diffusion_batch_mul, grad_checkpointing=args.grad_checkpointing, mrar=args.mrar,
-              decoder=args.decoder)
-    if args.diffloss_w is not None:
-        kw["decoder_embed_dim"] = args.diffloss_w
-    if args.diffloss_d is not None:
-        kw["decoder_depth"] = args.diffloss_d
-    return kw
-
-
-def mrar_index_path(args):
-    if args.mrar_index:
-        return args.mrar_index
-    for path in (data.MRAR_INDEX_NAME, os.path.join(args.data_path, data.MRAR_INDEX_NAME)):
-        if os.path.isfile(path):
-            return path
-    return None
-
-
 def check_args(parser, args):
     """Refuse, before any work, what cannot work; fill in derived values."""
     def need(ok, why):
@@ -192,14 +140,8 @@ def check_args(parser, args):
     need(args.min_lr is None or args.lr_schedule == "cosine", "--min_lr only applies to --lr_schedule cosine")
     need(0.0 <= args.ema_rate < 1.0, "--ema_rate must lie in [0, 1)")
     need(args.device != "cuda" or torch.cuda.is_available(), "--device cuda, but no CUDA device is visible")
-    stride, embed_dim = tokenizer_geometry(args)
-    need(args.vae_embed_dim in (None, embed_dim),
-         f"--vae_embed_dim {args.vae_embed_dim} conflicts with --tokenizer {args.tokenizer}, whose latents have "
-         f"{embed_dim} channels" + (" (pixel_channels * pixel_patch^2)" if args.tokenizer == "pixel" else "") +
-         ": leave --vae_embed_dim out")
-    args.vae_embed_dim = embed_dim
-    need(not tokenizer_needs_weights(args.tokenizer) or os.path.isfile(args.vae_path),
-         f"--vae_path {args.vae_path} is not a file (the KL-16 VAE, kl16.ckpt)")
+    why = check_tokenizer_args(args)
+    need(why is None, why)
     need(not isinstance(args.cfg, list) or args.mrar or args.evaluate,
          "a --cfg list (one value per image) needs --mrar; 1-Step takes one number")
     need(args.load_step is None or args.resume, "--load_step picks a file of --resume DIR: give --resume")
@@ -224,7 +166,7 @@ def check_args(parser, args):
         need(not args.only_train_diff or args.resume or own,
              "--only_train_diff trains the decoder against a frozen encoder: give --resume with a trained checkpoint")
         if args.mrar:
-            args.mrar_index = mrar_index_path(args)
+            args.mrar_index = data.find_mrar_index(args.mrar_index, args.data_path)
             need(args.mrar_index is not None and os.path.isfile(args.mrar_index),
                  f"--mrar needs the MRAR index {data.MRAR_INDEX_NAME} (in ./ or --data_path, or --mrar_index): "
                  f"download the released one or build one with tools/build_mrar_index.py")
@@ -241,7 +183,7 @@ def check_args(parser, args):
                 parser.error(f"evaluation cannot run: {e}")
     try:
         with torch.device("meta"):
-            build_model(args.model, **model_kwargs(args))
+            build_model(args.model, **engine.model_kwargs(args))
     except ValueError as e:
         parser.error(f"this model cannot be built: {e}")
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -251,124 +193,6 @@ def check_args(parser, args):
         args.blr = 1e-4 if args.blr is None else args.blr
         args.lr = args.blr * args.eff_batch_size / 256
     return args
-
-
-def build_data(args, dist):
-    seed = args.seed
-    if args.mrar:
-        root = args.cached_path if args.use_cached else data.resolve_train_dir(args.data_path)
-        dataset, classes = data.mrar_dataset(args.mrar_index, root, args.class_num, seed, args.img_size,
-                                             cached=args.use_cached, hflip=args.hflip)
-    elif args.use_cached:
-        dataset, classes = data.cached_folder(args.cached_path, args.class_num, seed, hflip=args.hflip)
-    else:
-        dataset, classes = data.image_folder(args.data_path, args.img_size, args.class_num, seed, hflip=args.hflip)
-    if args.use_cached:  # a cache of another resolution or tokenizer must not train silently
-        x = dataset[0][0]
-        stride, embed_dim = tokenizer_geometry(args)
-        want = (2 * embed_dim, args.img_size // stride, args.img_size // stride)
-        if tuple(x.shape[-3:]) != want:
-            raise UserError(f"cached latents in {args.cached_path} have shape {tuple(x.shape[-3:])}, --img_size "
-                             f"{args.img_size} needs {want}: run main_cache.py with this --img_size")
-    sampler = data.ResumableDistributedSampler(dataset, dist.world_size, dist.rank, shuffle=True, seed=seed)
-    loader = data.build_loader(dataset, sampler, args.batch_size, args.num_workers,
-                               args.pin_mem and dist.device.type == "cuda", seed)
-    if len(loader) < args.gradient_accumulation_steps:
-        what = "MRAR rows (groups of four images)" if args.mrar else "training images"
-        more = ("build an index with more rows (tools/build_mrar_index.py --repeats N) or give more images per "
-                "class" if args.mrar else "give more images (--data_path)")
-        raise UserError(f"{len(dataset)} {what} make {len(loader)} full batches of --batch_size {args.batch_size} "
-                        f"per process on {dist.world_size} process(es), but one optimizer step needs "
-                        f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: lower --batch_size or "
-                        f"--gradient_accumulation_steps, run fewer processes, or {more}")
-    return dataset, sampler, loader, classes
-
-
-def evaluate_checkpoint(args, dist, tokenizer, writer, log):
-    path = resolve_checkpoint_path(args.resume if args.resume else args.output_dir, args.load_step)
-    ckpt = read_checkpoint(path)
-    sd = pick_weights(ckpt, use_ema=not args.eval_wo_ema)
-    mrar = checkpoint_args(ckpt).get("mrar")
-    if mrar is None:  # a checkpoint without args: its shapes tell, unless they fit both modes
-        mrar = mode_from_shapes(sd)
-        if mrar is None:
-            log.info(f"{path} records no mode and its shapes fit both: evaluating it as "
-                     f"{'MRAR' if args.mrar else '1-Step'} as --mrar says (pass --mrar for MRAR, omit it for 1-Step)")
-            mrar = args.mrar
-    mrar = bool(mrar)
-    if mrar != args.mrar:
-        log.info(f"{path} holds {'an MRAR' if mrar else 'a 1-Step'} model: evaluating it as such")
-        args.mrar = mrar
-    model = build_model(args.model, **model_kwargs(args), **condition_count(args, sd))
-    check_compatible(model, sd, source=f"checkpoint {path}")
-    model.load_state_dict(sd, strict=True)
-    model.to(dist.device).eval()
-    log.info(f"evaluating the {'raw' if args.eval_wo_ema else 'EMA'} weights of {path}")
-    metrics = engine.evaluate(model, None, tokenizer, args, epoch=ckpt.get("epoch"), writer=writer)
-    if metrics:
-        log.info(f"evaluation: FID {metrics.get('fid')}, IS {metrics.get('inception_score_mean')}")
-    return metrics
-
-
-def condition_count(args, sd):
-    """A 1-Step encoder keeps the condition count it was trained with (256 at 256 and at 512 px)."""
-    if args.mrar:
-        return {}
-    return {"num_conditions": infer_config(sd, args.vae_embed_dim, mrar=False).get("num_conditions")}
-
-
-def train(args, dist, tokenizer, writer, log):
-    start = engine.find_start_checkpoint(args)
-    if len(set(all_gather_object(start))) > 1:
-        raise CheckpointError("the processes do not agree on the checkpoint to start from: --output_dir and "
-                              "--resume must be on a filesystem that every node sees")
-    ckpt = read_checkpoint(start) if start else None
-    kw = {**model_kwargs(args), **(condition_count(args, ckpt["model"]) if ckpt else {})}
-    model = build_model(args.model, **kw).to(dist.device)
-    excluded = engine.set_trainable(model, args)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info(f"{args.model}{' MRAR' if args.mrar else ''} at {args.img_size} px: "
-             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trained")
-    if args.mrar and args.patch_size != 1:
-        log.info(f"--patch_size {args.patch_size}: MRAR decodes single latent cells (patch 1), as released")
-    amp_dtype, scaler = engine.amp_settings(args, dist.device)
-    run = engine.Run(args=args, dist=dist, model=model, raw=model, ema=EMA(model, args.ema_rate),
-                     optimizer=build_adamw(model, args.lr, args.weight_decay, excluded), scaler=scaler,
-                     amp_dtype=amp_dtype, tokenizer=tokenizer)
-    run.dataset, run.sampler, run.loader, classes = build_data(args, dist)
-    run.samples_per_step = args.eff_batch_size
-    run.steps_per_epoch = len(run.loader) // args.gradient_accumulation_steps
-    log.info(f"{len(run.dataset)} {'MRAR rows' if args.mrar else 'samples'} of {len(classes)} classes; "
-             f"{run.steps_per_epoch} optimizer steps of {run.samples_per_step} per epoch; lr {args.lr:.3g}; "
-             f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp16' if amp_dtype else 'fp32'} on {dist.device}")
-    if ckpt is not None:
-        engine.load_start(run, start, ckpt)
-    if dist.world_size > 1:
-        ids = [dist.device.index] if dist.device.type == "cuda" else None
-        run.model = DDP(model, device_ids=ids, output_device=ids[0] if ids else None,
-                        forward_sync_buffers=False)
-    if dist.is_main:
-        run.metrics = MetricsLog(args.output_dir, resume_step=run.state.step)
-        run.writer = writer
-    seed_everything(args.seed + dist.rank)  # the model was made alike on every rank; the draws now differ
-    engine.restore_rng_states(run)
-    if run.state.epoch >= args.epochs:
-        log.info(f"the run already trained {run.state.epoch} of --epochs {args.epochs}: nothing to do")
-    for epoch in range(run.state.epoch, args.epochs):
-        if not engine.train_one_epoch(run, epoch):
-            break
-        done = epoch + 1
-        eval_epoch = done % args.eval_freq == 0 or done == args.epochs
-        if done % args.save_last_freq == 0 or eval_epoch:  # checkpoint-last.pth is never older than another
-            engine.save(run, epochs_done=done if eval_epoch else None)
-        if eval_epoch and args.online_eval:
-            metrics = engine.evaluate(model, run.ema, tokenizer, args, epoch=done, writer=writer)
-            if metrics:
-                log.info(f"epoch {done} evaluation: FID {metrics.get('fid')}, "
-                         f"IS {metrics.get('inception_score_mean')}")
-    if run.metrics:
-        run.metrics.close()
-    return run
 
 
 def main(args):
@@ -381,20 +205,17 @@ def main(args):
         seed_everything(args.seed)
         what = (f"evaluation batch {args.eval_bsz} per process" if args.evaluate else
                 f"global batch {args.eff_batch_size}")
-        log.info(f"{' '.join(sys.argv)}\nworld size {dist.world_size}, device {dist.device}, {what}, "
-                 f"{torch.get_num_threads()} threads per process")
-        for note in notes:
-            log.info(note)
+        log.info("\n".join([f"{' '.join(sys.argv)}\nworld size {dist.world_size}, device {dist.device}, {what}, "
+                            f"{torch.get_num_threads()} threads per process", *notes]))
         if dist.is_main:
             save_json(os.path.join(args.output_dir, "eval_args.json" if args.evaluate else "args.json"), vars(args))
             writer = tensorboard_writer(args.log_dir or args.output_dir)
         tokenizer = build_tokenizer(args).to(dist.device)
         if args.evaluate:
-            return evaluate_checkpoint(args, dist, tokenizer, writer, log)
-        run = train(args, dist, tokenizer, writer, log)
+            return engine.evaluate(args, dist, tokenizer, writer)
+        run = engine.train(args, dist, tokenizer, writer)
         if args.preset:  # collective: every rank generates its share of the report's images
-            with contextlib.nullcontext() if args.eval_wo_ema else run.ema.swapped_in(run.raw):
-                digits.write_report(run.raw, tokenizer, args, run.state, log=log.info)
+            digits.report_run(run, args, log=log.info)
         barrier()
     except UserError as err:
         # said here, before the process group goes: the launcher may stop the others once one rank exits

@@ -14,7 +14,7 @@ import os
 import torch
 
 import engine_transdiff as engine
-from models.tokenizers import PIXEL_DEFAULTS, TOKENIZERS, build_tokenizer, tokenizer_geometry, tokenizer_needs_weights
+from models.tokenizers import add_tokenizer_args, build_tokenizer, check_tokenizer_args, tokenizer_geometry
 from util import data, runlock
 from util.distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from util.errors import OneLineParser, exit_on_user_error
@@ -26,16 +26,7 @@ PROG = os.path.basename(__file__)
 def get_args_parser():
     p = OneLineParser(PROG, description="Cache VAE latents (image and mirror moments)", allow_abbrev=False)
     p.add_argument("--img_size", type=int, default=256)
-    p.add_argument("--tokenizer", default="kl16", choices=list(TOKENIZERS),
-                   help="as main.py: kl16 (the VAE of --vae_path) or pixel (pixel patches, no weights)")
-    p.add_argument("--vae_path", default="pretrained_models/vae/kl16.ckpt")
-    p.add_argument("--vae_embed_dim", type=int, default=None, help="latent channels; given, it must agree with "
-                                                                   "the tokenizer's (KL-16: 16)")
-    p.add_argument("--vae_unsafe_load", action="store_true",
-                   help="as main.py: fully unpickle a VAE file the safe loader refuses (RUNS CODE FROM THE FILE)")
-    p.add_argument("--pixel_patch", type=int, default=PIXEL_DEFAULTS["pixel_patch"])
-    p.add_argument("--pixel_channels", type=int, default=PIXEL_DEFAULTS["pixel_channels"], choices=[1, 3])
-    p.add_argument("--pixel_scale", type=float, default=PIXEL_DEFAULTS["pixel_scale"])
+    add_tokenizer_args(p.add_argument)
     p.add_argument("--batch_size", type=int, default=128, help="images per process and batch")
     p.add_argument("--data_path", default="./data/imagenet", help="ImageNet root holding train/ (or an ImageFolder)")
     p.add_argument("--cached_path", required=True)
@@ -48,16 +39,13 @@ def get_args_parser():
 def check_args(parser, args):
     if args.batch_size < 1 or args.num_workers < 0 or args.pixel_patch < 1:
         parser.error("--batch_size and --pixel_patch must be at least 1 and --num_workers not negative")
-    stride, embed_dim = tokenizer_geometry(args)
-    if args.vae_embed_dim not in (None, embed_dim):
-        parser.error(f"--vae_embed_dim {args.vae_embed_dim} conflicts with --tokenizer {args.tokenizer}, whose "
-                     f"latents have {embed_dim} channels: leave --vae_embed_dim out")
-    args.vae_embed_dim = embed_dim
+    why = check_tokenizer_args(args)
+    if why:
+        parser.error(why)
+    stride, _ = tokenizer_geometry(args)
     if args.img_size % stride:
         parser.error(f"--img_size {args.img_size} is not a multiple of the tokenizer stride {stride} (--tokenizer "
                      f"{args.tokenizer}" + (", --pixel_patch)" if args.tokenizer == "pixel" else ")"))
-    if tokenizer_needs_weights(args.tokenizer) and not os.path.isfile(args.vae_path):
-        parser.error(f"--vae_path {args.vae_path} is not a file (the KL-16 VAE, kl16.ckpt)")
     if not os.path.isdir(args.data_path):
         parser.error(f"--data_path {args.data_path} is not a folder")
     return args

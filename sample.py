@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from main import parse_cfg
 from models.pretrained import checkpoint_args, load_tokenizer, load_transdiff, published_sampling
-from util.digits import _grid
+from util.amp import DTYPES, autocast
 from util.errors import OneLineParser, UserError
-from util.evaluation import EVAL_DTYPES, _autocast, _latent_scale, image_seed, save_png, to_uint8
+from util.evaluation import SamplingSettings, grid, image_seed, latent_scale, parse_cfg, save_png, to_uint8
 
 SETTINGS = ("cfg", "scale_0", "scale_1", "num_sampling_steps", "sampler")
 
@@ -51,16 +50,17 @@ def get_args_parser():
 
 def sampling_settings(model, ckpt, given=None):
     """(settings, where they come from): the published ones for a released architecture, else the run's stored
-    args, else the model's defaults; the non-None entries of `given` override each."""
+    args, else main.py's defaults; the non-None entries of `given` override each."""
     published = published_sampling(model)
     if published is not None:
         base, source = published, "the paper's settings for this released architecture"
     else:
         args = checkpoint_args(ckpt)
-        base = {k: args[k] for k in SETTINGS if args.get(k) is not None}
+        base = {k: args[k] for k in SETTINGS if args.get(k) not in (None, "")}
+        if "num_sampling_steps" in base:  # the released code stores it as a string ('100')
+            base["num_sampling_steps"] = int(base["num_sampling_steps"])
         source = "the run's settings"
-    settings = {"cfg": 1.0, "scale_0": 1.0, "scale_1": 1.0, "num_sampling_steps": model.num_sampling_steps,
-                "sampler": "maruyama", **base}
+    settings = {**SamplingSettings().sample_kwargs(), **base}
     overridden = {k: v for k, v in (given or {}).items() if k in SETTINGS and v is not None}
     if overridden:
         source += f", overridden by {', '.join(sorted(overridden))}"
@@ -71,13 +71,13 @@ def sample_images(model, tokenizer, labels, settings, seed=0, batch_size=32, dty
     """uint8 images (N, H, W, 3) of classes `labels` (N,), image i from a generator seeded image_seed(seed, i)."""
     labels = torch.as_tensor(labels, dtype=torch.int64)
     device = model.fake_latent.device
-    scale = _latent_scale(tokenizer)
+    scale = latent_scale(tokenizer)
     out = []
     with torch.no_grad(), tqdm(total=len(labels), unit="img", desc="sampling", disable=not progress) as bar:
         for lo in range(0, len(labels), batch_size):
             idx = range(lo, min(lo + batch_size, len(labels)))
             gens = [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in idx]
-            with _autocast(device, dtype):
+            with autocast(device, dtype):
                 latents = model.samples(labels[lo:lo + len(idx)].to(device), generator=gens, **settings)
                 images = tokenizer.decode(latents / scale).float()
             bad = int((~torch.isfinite(images).flatten(1).all(dim=1)).sum())
@@ -93,7 +93,7 @@ def sample_grid(model, tokenizer, classes, per_class, settings, seed=0, batch_si
     grid with one row per class."""
     labels = torch.as_tensor(classes, dtype=torch.int64).repeat_interleave(per_class)
     images = sample_images(model, tokenizer, labels, settings, seed, batch_size, dtype, progress)
-    return images, _grid(images, len(classes), per_class)
+    return images, grid(images, len(classes), per_class)
 
 
 def image_name(index, label, seed):
@@ -119,11 +119,11 @@ def main(argv=None):
     print(f"{'MRAR' if model.mrar else '1-Step'} model at {model.img_size} px, {model.class_num} classes; "
           f"{source}: {settings}")
 
-    images, grid = sample_grid(model, tokenizer, args.classes, args.per_class, settings, args.seed, args.batch_size,
-                               EVAL_DTYPES[args.dtype])
+    images, picture = sample_grid(model, tokenizer, args.classes, args.per_class, settings, args.seed, args.batch_size,
+                               DTYPES[args.dtype])
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    grid.save(args.out)
+    picture.save(args.out)
     print(f"grid of {len(args.classes)} x {args.per_class} images -> {args.out}")
     if args.save_dir:
         os.makedirs(args.save_dir, exist_ok=True)

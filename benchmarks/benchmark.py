@@ -23,7 +23,6 @@ Examples (repository root; benchmarks/README.md has the measured figures and the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ import torch  # noqa: E402
 from models import blocks  # noqa: E402
 from models.diffdecoder import DecoderNet  # noqa: E402
 from models.transdiff import MODEL_SIZES, build_model  # noqa: E402
+from util.amp import autocast  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -124,9 +124,7 @@ def _peak_mib(device):
 
 
 def _autocast(device, dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return autocast(device, None if dtype == torch.float32 else dtype)  # fp32 here means no autocast
 
 
 class MatmulReference:

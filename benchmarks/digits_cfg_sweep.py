@@ -13,7 +13,7 @@ The runs (each trained by main.py unless its folder already holds a finished one
     digits_more     output/digits_more     ... --preset digits --resume output/digits, trained on for as many
                                            optimizer steps as digits_mrar_ft took
 
-Each (run, cfg) point is the digits report of util.digits at that cfg (the run's other sampling settings, its
+Each (run, cfg) point is the digits report of digits_preset.py at that cfg (the run's other sampling settings, its
 EMA weights): accuracy of the judge, FD / precision / recall in the judge's features against real training
 digits, and the real-vs-real floor. A point whose report exists is read, not remade, so running the command
 again resumes. Writes benchmarks/results/digits_cfg_sweep.json and docs/digits_cfg_sweep.png.
@@ -31,9 +31,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import digits_preset as digits  # noqa: E402
 from benchmarks.digits_quality import machine  # noqa: E402
 from models.pretrained import checkpoint_args, load_tokenizer, load_transdiff  # noqa: E402
-from util import digits  # noqa: E402
 from util.checkpoint import save_json  # noqa: E402
 
 SWEEP_CFGS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the presets' curve

@@ -25,7 +25,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from util import digits  # noqa: E402
+import digits_preset as digits  # noqa: E402
 from util.checkpoint import save_json  # noqa: E402
 
 TIME_LIMIT_S = 600  # the budget for one preset command on a 2-core CPU

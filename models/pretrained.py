@@ -21,10 +21,9 @@ import torch.nn.functional as F
 
 from models.tokenizers import TOKENIZER_ARGS, build_tokenizer, tokenizer_geometry, tokenizer_needs_weights
 from models.transdiff import MODEL_SIZES, Transdiff
-from util.checkpoint import atomic_write
+from util.checkpoint import LAST, atomic_write
 from util.errors import UserError
 
-LAST_CHECKPOINT = "checkpoint-last.pth"
 _MRAR_DEFAULTS = {k: inspect.signature(Transdiff).parameters[k].default for k in ("mrar_images", "mrar_ref_patch")}
 EXPORT_SUFFIX = ".safetensors"
 EXPORT_FORMAT = "transdiff-inference-1"
@@ -57,7 +56,7 @@ def is_export(path):
 def resolve_checkpoint_path(path, step=None):
     """File path of a checkpoint given a file or a run folder (optionally `checkpoint-<step>.pth`)."""
     if os.path.isdir(path):
-        name = LAST_CHECKPOINT if step in (None, "last") else f"checkpoint-{step}.pth"
+        name = LAST if step in (None, "last") else f"checkpoint-{step}.pth"
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             found = sorted(f for f in os.listdir(path) if f.startswith("checkpoint") and f.endswith(".pth"))
@@ -66,7 +65,7 @@ def resolve_checkpoint_path(path, step=None):
         return file
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: give a checkpoint file or a run folder "
-                              f"that holds {LAST_CHECKPOINT}")
+                              f"that holds {LAST}")
     return path
 
 
@@ -137,7 +136,7 @@ def infer_config(sd, vae_embed_dim=16, vae_stride=16, mrar=None):
         # up to 256 px; load_transdiff takes img_size from the checkpoint's args when they hold it
         seq_len = (sd["diffdecoder.net.diffusion_pos_embed_learned"].shape[1] if decoder == "transformer"
                    else num_conditions)
-        cfg = dict(
+        arch = dict(
             encoder_embed_dim=d, encoder_depth=_count(sd, "encoder_blocks.") // 2,
             decoder_embed_dim=sd["diffdecoder.net.input_proj.weight"].shape[0],
             decoder_depth=_count(sd, "diffdecoder.net.res_blocks."),
@@ -147,29 +146,29 @@ def infer_config(sd, vae_embed_dim=16, vae_stride=16, mrar=None):
     except KeyError as e:
         raise CheckpointError(f"state dict is not a TransDiff model: missing {e}") from None
     patch = math.isqrt(token_dim // vae_embed_dim)
-    cfg["patch_size"] = patch
-    cfg["img_size"] = math.isqrt(seq_len) * patch * vae_stride
+    arch["patch_size"] = patch
+    arch["img_size"] = math.isqrt(seq_len) * patch * vae_stride
     if not mrar:
-        cfg["num_conditions"] = num_conditions
-    return cfg
+        arch["num_conditions"] = num_conditions
+    return arch
 
 
-def size_name(cfg):
-    """Registered size whose widths and depths match `cfg`, or None."""
+def size_name(arch):
+    """Registered size whose widths and depths match `arch`, or None."""
     for name, size in MODEL_SIZES.items():
-        if all(cfg.get(k) == size[k] for k in ("encoder_embed_dim", "encoder_depth", "decoder_depth")):
+        if all(arch.get(k) == size[k] for k in ("encoder_embed_dim", "encoder_depth", "decoder_depth")):
             return name
     return None
 
 
-def describe(cfg):
-    name = size_name(cfg) or (f"a custom model (width {cfg['encoder_embed_dim']}, "
-                              f"{cfg['encoder_depth']}/{cfg['decoder_depth']} encoder/decoder depth)")
-    w = cfg["decoder_embed_dim"]
-    width = "" if w == cfg["encoder_embed_dim"] else f", decoder width {w}"
-    head = ", MLP head" if cfg.get("decoder") == "mlp" else ""
-    return (f"{name} {'MRAR' if cfg['mrar'] else '1-Step'} at {cfg['img_size']} px{width}{head}, "
-            f"{cfg['class_num']} classes")
+def describe(arch):
+    name = size_name(arch) or (f"a custom model (width {arch['encoder_embed_dim']}, "
+                              f"{arch['encoder_depth']}/{arch['decoder_depth']} encoder/decoder depth)")
+    w = arch["decoder_embed_dim"]
+    width = "" if w == arch["encoder_embed_dim"] else f", decoder width {w}"
+    head = ", MLP head" if arch.get("decoder") == "mlp" else ""
+    return (f"{name} {'MRAR' if arch['mrar'] else '1-Step'} at {arch['img_size']} px{width}{head}, "
+            f"{arch['class_num']} classes")
 
 
 def check_compatible(model, sd, source="checkpoint"):
@@ -215,29 +214,28 @@ def tokenizer_settings(args):
 def model_config(ckpt, sd, path, overrides=None):
     """Transdiff keyword arguments that rebuild the model of checkpoint `ckpt` holding weights `sd`."""
     overrides = dict(overrides or {})
-    if "config" in ckpt:  # an export: the constructor arguments themselves
-        return {**ckpt["config"], **overrides}
+    if "config" in ckpt:  # an export: the constructor arguments themselves (older exports also stored the
+        # sampler's step count, a sampling setting that the model no longer takes)
+        return {**{k: v for k, v in ckpt["config"].items() if k != "num_sampling_steps"}, **overrides}
     args = checkpoint_args(ckpt)
     stride, embed_dim = tokenizer_geometry(argparse.Namespace(**tokenizer_settings(args)))
     stride, embed_dim = overrides.get("vae_stride", stride), overrides.get("vae_embed_dim", embed_dim)
-    cfg = infer_config(sd, embed_dim, stride, mrar=args.get("mrar"))
-    cfg["vae_stride"] = stride
-    if cfg["decoder"] == "mlp" and "img_size" in args:
-        cfg["img_size"] = args["img_size"]
-    if args.get("num_sampling_steps") not in (None, ""):
-        cfg["num_sampling_steps"] = args["num_sampling_steps"]
+    arch = infer_config(sd, embed_dim, stride, mrar=args.get("mrar"))
+    arch["vae_stride"] = stride
+    if arch["decoder"] == "mlp" and "img_size" in args:
+        arch["img_size"] = args["img_size"]
     # main.py builds the registered size that --model names (with --diffloss_w/_d on top): its heads
-    name = args.get("model") if args.get("model") in MODEL_SIZES else size_name(cfg)
+    name = args.get("model") if args.get("model") in MODEL_SIZES else size_name(arch)
     heads = MODEL_SIZES[name] if name else {}
     for key in ("encoder_num_heads", "decoder_num_heads"):
         if key in args:
-            cfg[key] = args[key]
+            arch[key] = args[key]
         elif key in heads:
-            cfg[key] = heads[key]
+            arch[key] = heads[key]
         elif key not in overrides:
             raise CheckpointError(f"cannot tell {key} of the custom model in {path}; pass it explicitly")
-    cfg.update(overrides)
-    return cfg
+    arch.update(overrides)
+    return arch
 
 
 def load_transdiff(path, model=None, use_ema=True, step=None, map_location="cpu", **overrides):
@@ -245,7 +243,7 @@ def load_transdiff(path, model=None, use_ema=True, step=None, map_location="cpu"
 
     With `model`, its architecture must match the checkpoint's. Without, the model is built from the
     checkpoint alone: an export's stored constructor arguments, or the architecture read off the state dict
-    with the tokenizer geometry and heads from the stored args; `overrides` on top (e.g. num_sampling_steps).
+    with the tokenizer geometry and heads from the stored args; `overrides` on top (e.g. num_conditions).
     Returns (model, checkpoint dict); `checkpoint_args` of it gives the run's arguments either way.
     """
     ckpt = read_checkpoint(path, step, map_location)

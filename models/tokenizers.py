@@ -6,6 +6,7 @@ posterior samples times this), `stride` (pixels per latent cell) and `embed_dim`
 New tokenizers register in TOKENIZERS under the name `--tokenizer` selects, with a `geometry` that gives
 (stride, embed_dim) from the arguments alone, so the model can be sized before any weights are read.
 """
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +118,36 @@ def build_tokenizer(args):
     tok = _entry(name).build(args).eval().requires_grad_(False)
     tok.embed_dim, tok.stride = embed_dim, stride
     return tok
+
+
+def add_tokenizer_args(add):
+    """The tokenizer flags of main.py and main_cache.py; `add` is a parser's (or group's) add_argument."""
+    add("--tokenizer", default="kl16", choices=list(TOKENIZERS),
+        help="kl16: the VAE released with MAR (stride 16); pixel: pixel patches as tokens, for small images")
+    add("--vae_path", default="pretrained_models/vae/kl16.ckpt", help="the KL-16 VAE released with MAR")
+    add("--vae_unsafe_load", action="store_true",
+        help="read a --vae_path file that the safe loader refuses by full unpickling, which RUNS CODE FROM THE "
+             "FILE: only for files you trust")
+    add("--vae_embed_dim", type=int, default=None, help="latent channels: the tokenizer's (KL-16: 16; pixel: "
+                                                         "channels * patch^2); given, it must agree")
+    add("--pixel_patch", type=int, default=PIXEL_DEFAULTS["pixel_patch"], help="pixel tokenizer: patch side (stride)")
+    add("--pixel_channels", type=int, default=PIXEL_DEFAULTS["pixel_channels"], choices=[1, 3],
+        help="pixel tokenizer: 1 (grey; RGB averaged, decoded grey replicated to RGB) or 3")
+    add("--pixel_scale", type=float, default=PIXEL_DEFAULTS["pixel_scale"], help="pixel tokenizer: latent scale")
+
+
+def check_tokenizer_args(args):
+    """Set args.vae_embed_dim to the tokenizer's channel count; returns why the tokenizer flags cannot work
+    (a given --vae_embed_dim that disagrees, a missing weights file), or None."""
+    _, embed_dim = tokenizer_geometry(args)
+    if args.vae_embed_dim not in (None, embed_dim):
+        return (f"--vae_embed_dim {args.vae_embed_dim} conflicts with --tokenizer {args.tokenizer}, whose latents "
+                f"have {embed_dim} channels" + (" (pixel_channels * pixel_patch^2)" if args.tokenizer == "pixel"
+                                                else "") + ": leave --vae_embed_dim out")
+    args.vae_embed_dim = embed_dim
+    if tokenizer_needs_weights(args.tokenizer) and not os.path.isfile(args.vae_path):
+        return f"--vae_path {args.vae_path} is not a file (the KL-16 VAE, kl16.ckpt)"
+    return None
 
 
 def latents_from_moments(moments, scale_factor):

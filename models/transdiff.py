@@ -46,8 +46,8 @@ class Transdiff(nn.Module):
                  encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16,
                  decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16,
                  mlp_ratio=4., vae_embed_dim=16, label_drop_prob=0.1, class_num=1000,
-                 attn_dropout=0.1, proj_dropout=0.1, buffer_size=64, num_sampling_steps='100',
-                 diffusion_batch_mul=4, grad_checkpointing=False, mrar=False,
+                 attn_dropout=0.1, proj_dropout=0.1, buffer_size=64, diffusion_batch_mul=4,
+                 grad_checkpointing=False, mrar=False,
                  vae_stride=16, num_conditions=None, norm_eps=1e-6, mrar_images=4, mrar_ref_patch=2,
                  decoder="transformer"):
         super().__init__()
@@ -66,7 +66,6 @@ class Transdiff(nn.Module):
         self.token_embed_dim = vae_embed_dim * self.patch_size ** 2
         self.class_num, self.label_drop_prob, self.buffer_size = class_num, label_drop_prob, buffer_size
         self.diffusion_batch_mul = diffusion_batch_mul
-        self.num_sampling_steps = int(num_sampling_steps)
         self.grad_checkpointing = grad_checkpointing
 
         if mrar:
@@ -211,16 +210,16 @@ class Transdiff(nn.Module):
         return noise.to(device=device, dtype=torch.float32)
 
     @torch.no_grad()
-    def samples(self, labels, num_sampling_steps=None, cfg=1.0, sampler='maruyama', scale_0=1.0, scale_1=1.0,
+    def samples(self, labels, num_sampling_steps, cfg=1.0, sampler='maruyama', scale_0=1.0, scale_1=1.0,
                 noise=None, generator=None):
-        """Latents (B, C, H/stride, W/stride) for class labels (B,).
+        """Latents (B, C, H/stride, W/stride) for class labels (B,), integrated in `num_sampling_steps` steps.
 
         `noise` is the initial noise (B, L, C); every random draw comes from `generator` when given (a
         torch.Generator, or a list with one per sample to make each sample independent of its batch).
         `cfg` may be a list with one value per MRAR image. The model is in eval mode while sampling.
         """
         self.check_labels(labels)
-        steps = self.num_sampling_steps if num_sampling_steps is None else int(num_sampling_steps)
+        steps = int(num_sampling_steps)
         cfgs = self._cfg_list(cfg)
         device = self.fake_latent.device
         labels = labels.to(device)
@@ -267,10 +266,7 @@ def build_model(name, **overrides):
     return Transdiff(**{**MODEL_SIZES[name], **overrides})
 
 
-def transdiff_tiny(**kwargs):
-    return build_model("transdiff_tiny", **kwargs)
-
-
+# The released sizes by the names the reference code exports (README "Released models").
 def transdiff_base(**kwargs):
     return build_model("transdiff_base", **kwargs)
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine_eval import run_evaluation  # noqa: E402
 from models.transdiff import build_model  # noqa: E402
-from util.evaluation import run_evaluation  # noqa: E402
 
 
 class TinyTokenizer(torch.nn.Module):

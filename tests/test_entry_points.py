@@ -17,6 +17,8 @@ import pytest
 import torch
 from helpers import REPO, read_losses, torchrun, write_image_folder, write_vae_checkpoint
 
+import digits_preset as digits
+import engine_transdiff as engine
 import main
 import main_cache
 from models import pretrained
@@ -24,7 +26,7 @@ from models.pretrained import CheckpointError, check_compatible, infer_config, l
 from models.transdiff import build_model
 from models.vae import AutoencoderKL
 from tools.build_mrar_index import main as build_index
-from util import digits, runlock
+from util import runlock
 from util.checkpoint import save_checkpoint, save_json
 from util.errors import UserError
 
@@ -149,15 +151,17 @@ def test_output_folder_lock(env, tmp_path, capsys):
 
 
 def test_evaluation_folder_lock(tmp_path):
-    from util.evaluation import generate_images
+    from engine_eval import generate_images
+    from util.evaluation import SamplingSettings
 
-    model = build_model("transdiff_tiny", img_size=32, class_num=2, vae_stride=16, num_sampling_steps=2)
+    model = build_model("transdiff_tiny", img_size=32, class_num=2, vae_stride=16)
     folder = tmp_path / "eval"
     folder.mkdir()
     (folder / runlock.LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
-    args = argparse.Namespace(num_images=2, eval_bsz=2, class_num=2, img_size=32, seed=0)
+    args = argparse.Namespace(num_images=2, eval_bsz=2, class_num=2, img_size=32, model="transdiff_tiny", resume=None)
     with pytest.raises(UserError, match="in use by a live"):
-        generate_images(model, SimpleNamespace(scale_factor=1.0, decode=None), args, str(folder))
+        generate_images(model, SimpleNamespace(scale_factor=1.0, decode=None), args, str(folder),
+                        SamplingSettings(num_sampling_steps=2, seed=0))
     assert not [n for n in os.listdir(folder) if n.endswith(".png")]
 
 
@@ -182,8 +186,10 @@ def test_files_follow_the_umask(tmp_path):
     try:
         save_checkpoint(tmp_path / "c.pth", {"x": torch.zeros(1)})
         save_json(tmp_path / "args.json", {"a": 1})
-        from util.evaluation import _atomic_write_json
-        _atomic_write_json(tmp_path / "metrics.json", {"a": 1})
+        from util.checkpoint import append_jsonl
+        from util.evaluation import save_png
+        append_jsonl(tmp_path / "metrics.json", {"a": 1})
+        save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "00000.png")
         os.umask(0o002)
         save_json(tmp_path / "group.json", {"a": 1})
     finally:
@@ -191,6 +197,7 @@ def test_files_follow_the_umask(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "c.pth").st_mode) == 0o644
     assert stat.S_IMODE(os.stat(tmp_path / "args.json").st_mode) == 0o644
     assert stat.S_IMODE(os.stat(tmp_path / "metrics.json").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "00000.png").st_mode) == 0o644
     assert stat.S_IMODE(os.stat(tmp_path / "group.json").st_mode) == 0o664
 
 
@@ -239,5 +246,5 @@ def test_cache_with_the_pixel_tokenizer(env, tmp_path):
     args = main.check_args(main.get_args_parser(), main.get_args_parser().parse_args(tiny(
         env, tmp_path / "o", "--tokenizer", "pixel", "--pixel_patch", "4", "--use_cached", "--cached_path",
         str(cache), "--class_num", "2")))
-    _, _, loader, classes = main.build_data(args, SimpleNamespace(world_size=1, rank=0, device=torch.device("cpu")))
+    _, _, loader, classes = engine.build_data(args, SimpleNamespace(world_size=1, rank=0, device=torch.device("cpu")))
     assert len(classes) == 2 and next(iter(loader))[0].shape == (2, 32, 8, 8)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import engine_eval
 import util.evaluation as ev
 from models.transdiff import build_model
 from util.metrics import InceptionWeightsNotFoundError, extract_features, features_to_stats, save_stats
@@ -25,7 +26,7 @@ _spec.loader.exec_module(eval_worker)
 TinyTokenizer = eval_worker.TinyTokenizer
 
 N, CLASSES, IMG = 12, 4, 32
-MODEL_KW = dict(img_size=IMG, class_num=CLASSES, num_sampling_steps=4)
+MODEL_KW = dict(img_size=IMG, class_num=CLASSES)
 
 
 def tiny_model(mrar=False):
@@ -42,8 +43,9 @@ def tiny_model(mrar=False):
 
 def make_args(output_dir, **kw):
     base = dict(output_dir=str(output_dir), num_images=N, eval_bsz=5, cfg=1.5, scale_0=0.9, scale_1=0.9,
-                sampler="maruyama", num_sampling_steps=None, seed=7, class_num=CLASSES, img_size=IMG,
-                eval_wo_ema=False, fid_stats=None, fid_ref_dir=None, fid_weights=None, model="transdiff_tiny")
+                sampler="maruyama", num_sampling_steps=4, seed=7, class_num=CLASSES, img_size=IMG, mrar=False,
+                eval_wo_ema=False, eval_dtype=None, fid_stats=None, fid_ref_dir=None, fid_weights=None,
+                fid_batch_size=100, skip_metrics=False, resume=None, model="transdiff_tiny")
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -77,7 +79,7 @@ def reference(tmp_path_factory, model):
     """The set generated in one process with eval_bsz 5."""
     args = make_args(tmp_path_factory.mktemp("ref"))
     out = ev.eval_dir(args, None, model)
-    speed = ev.generate_images(model, TinyTokenizer(), args, out)
+    speed = engine_eval.generate_images(model, TinyTokenizer(), args, out)
     return args, out, speed
 
 
@@ -168,7 +170,7 @@ def test_killed_run_resumes(tmp_path, reference, model, monkeypatch):
 
     monkeypatch.setattr(ev, "save_png", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        ev.generate_images(model, TinyTokenizer(), args, out)
+        engine_eval.generate_images(model, TinyTokenizer(), args, out)
     monkeypatch.setattr(ev, "save_png", real_save)
     assert pngs(out) == [f"{i:05d}.png" for i in range(7)]
     # what a kill inside a write (stale temporary file) or a crash of the machine (truncated PNG) leaves behind
@@ -178,7 +180,7 @@ def test_killed_run_resumes(tmp_path, reference, model, monkeypatch):
     before = {f: (Path(out, f).read_bytes(), os.stat(os.path.join(out, f)).st_mtime_ns) for f in pngs(out)[:7]}
 
     args.eval_bsz = 3
-    speed = ev.generate_images(model, TinyTokenizer(), args, out)
+    speed = engine_eval.generate_images(model, TinyTokenizer(), args, out)
     assert speed["images_skipped"] == 7 and speed["images_generated"] == N - 7
     assert sorted(os.listdir(out)) == [f"{i:05d}.png" for i in range(N)] + ["generation.json"]
     for f, (data, mtime) in before.items():
@@ -186,20 +188,20 @@ def test_killed_run_resumes(tmp_path, reference, model, monkeypatch):
     assert all(ev.is_complete_png(os.path.join(out, f), IMG) for f in pngs(out))
     assert_same_images(ref_dir, out)
 
-    speed = ev.generate_images(model, TinyTokenizer(), args, out)  # a complete set: nothing to do
+    speed = engine_eval.generate_images(model, TinyTokenizer(), args, out)  # a complete set: nothing to do
     assert speed["images_generated"] == 0 and speed["images_skipped"] == N and speed["images_per_s"] is None
 
 
 def test_mrar_cfg_list_and_bf16(tmp_path):
     model = tiny_model(mrar=True)
     args = make_args(tmp_path, num_images=4, eval_bsz=3, cfg=[1.0, 1.5, 2.0, 1.2], skip_metrics=True)
-    result = ev.run_evaluation(model, TinyTokenizer(), args, epoch=3)
+    result = engine_eval.run_evaluation(model, TinyTokenizer(), args, epoch=3)
     assert "-mrar-" in result["folder"] and "cfg1_1.5_2_1.2" in result["folder"] and result["folder"].endswith("-ep3")
     assert pngs(result["folder"]) == [f"{i:05d}.png" for i in range(4)]
     assert result["settings"]["cfg"] == [1.0, 1.5, 2.0, 1.2] and result["settings"]["mrar"] is True
 
     args = make_args(tmp_path, num_images=4, eval_bsz=4, eval_dtype="bf16", skip_metrics=True)
-    result = ev.run_evaluation(tiny_model(), TinyTokenizer(), args)
+    result = engine_eval.run_evaluation(tiny_model(), TinyTokenizer(), args)
     assert result["folder"].endswith("-bf16") and len(pngs(result["folder"])) == 4
 
 
@@ -210,7 +212,7 @@ def test_refuses_folder_of_another_model(tmp_path, model):
     Path(out, "generation.json").write_text(json.dumps({"model": "transdiff_tiny", "mrar": False, "img_size": IMG,
                                                         "class_num": CLASSES, "latent_scale": 1.0}))
     with pytest.raises(RuntimeError, match="another model.*latent_scale"):
-        ev.run_evaluation(model, TinyTokenizer(), args)
+        engine_eval.run_evaluation(model, TinyTokenizer(), args)
     assert pngs(out) == []
 
 
@@ -244,7 +246,8 @@ def test_metrics_written_and_logged(tmp_path, reference, model):
                num_images=N)
     writer = RecordingWriter()
     args = make_args(tmp_path / "run", fid_stats=stats, eval_bsz=6)
-    result = ev.run_evaluation(model, TinyTokenizer(), args, epoch=5, log_writer=writer, feature_extractor=extractor)
+    result = engine_eval.run_evaluation(model, TinyTokenizer(), args, epoch=5, log_writer=writer,
+                                        feature_extractor=extractor)
     # the same set as the reference, so FID ~ 0
     assert result["num_images"] == N and abs(result["fid"]) < 1e-3 and result["inception_score_mean"] > 0
     assert result["fid_reference"] == stats and result["settings"]["epoch"] == 5
@@ -253,7 +256,7 @@ def test_metrics_written_and_logged(tmp_path, reference, model):
 
     # a second evaluation against a reference image folder appends a second line; the images are kept
     args.fid_stats, args.fid_ref_dir = None, ref_dir
-    again = ev.run_evaluation(model, TinyTokenizer(), args, epoch=5, feature_extractor=extractor)
+    again = engine_eval.run_evaluation(model, TinyTokenizer(), args, epoch=5, feature_extractor=extractor)
     assert abs(again["fid"]) < 1e-3 and again["speed"]["images_skipped"] == N
     # a reference folder also gives precision/recall; the same set covers itself fully
     assert (again["precision"], again["recall"]) == (1.0, 1.0) and result["precision"] is None
@@ -265,14 +268,14 @@ def test_metrics_written_and_logged(tmp_path, reference, model):
 def test_missing_references_fail_before_generating(tmp_path, model, monkeypatch):
     args = make_args(tmp_path)
     with pytest.raises(ValueError, match="no default FID reference at img_size 32"):
-        ev.run_evaluation(model, TinyTokenizer(), args)
+        engine_eval.run_evaluation(model, TinyTokenizer(), args)
     args.fid_stats = str(tmp_path / "absent.npz")
     with pytest.raises(FileNotFoundError, match="absent.npz.*fid_stats/README.md"):
-        ev.run_evaluation(model, TinyTokenizer(), args)
+        engine_eval.run_evaluation(model, TinyTokenizer(), args)
     stats = str(tmp_path / "stats.npz")
     save_stats(stats, np.zeros(6), np.eye(6), num_images=1)
     args.fid_stats = stats
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty torch-fidelity cache
     with pytest.raises(InceptionWeightsNotFoundError, match="--fid_weights"):
-        ev.run_evaluation(model, TinyTokenizer(), args)
+        engine_eval.run_evaluation(model, TinyTokenizer(), args)
     assert not (tmp_path / "eval").exists()

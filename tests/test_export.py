@@ -44,7 +44,8 @@ def test_export_loads_without_pickle_and_samples_identically(run, tmp_path, monk
         load_transdiff(str(run))
     loaded, ckpt = load_transdiff(str(out))
     tok = load_tokenizer(ckpt)
-    assert (loaded.img_size, loaded.vae_stride, tok.stride, loaded.num_sampling_steps) == (SIDE, PATCH, PATCH, 2)
+    steps = sample.sampling_settings(loaded, ckpt)[0]["num_sampling_steps"]  # the run's, from the export's args
+    assert (loaded.img_size, loaded.vae_stride, tok.stride, steps) == (SIDE, PATCH, PATCH, 2)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ema.state_dict().values()))
     assert torch.equal(_samples(loaded), _samples(ema))
 

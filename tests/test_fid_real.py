@@ -25,11 +25,11 @@ import torch
 from PIL import Image, ImageFilter
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
+from digits_preset import load_digits
 from tools import fid as fid_tool
 from tools import fid_weights
 from tools.make_fid_stats import main as make_fid_stats_main
 from util import metrics as M
-from util.digits import load_digits
 
 N_DIGITS = 16
 BLUR_RADIUS = 2.0  # px on 28 px digits: strokes become grey smudges
@@ -203,7 +203,7 @@ def test_prc_needs_two_folders(converted_weights, digits, tmp_path):
 def test_evaluate_with_converted_weights_scores_without_is(converted_weights, digits, tmp_path, monkeypatch):
     """--evaluate with a converted file: no IS (said in the log and metrics.json), FID and precision/recall asked
     for. The scoring itself is the code tested above; here it is recorded, not run, to keep the test short."""
-    import util.evaluation as ev
+    import engine_eval
     from models.transdiff import build_model
 
     spec = importlib.util.spec_from_file_location("eval_worker", Path(__file__).parent / "eval_worker.py")
@@ -220,10 +220,11 @@ def test_evaluate_with_converted_weights_scores_without_is(converted_weights, di
 
     monkeypatch.setattr(M, "compute_metrics", fake_compute_metrics)
     torch.manual_seed(0)
-    model = build_model("transdiff_tiny", img_size=32, class_num=2, num_sampling_steps=2).eval()
+    model = build_model("transdiff_tiny", img_size=32, class_num=2).eval()
     args = argparse.Namespace(output_dir=str(tmp_path), num_images=4, eval_bsz=4, cfg=1.0, scale_0=1.0, scale_1=1.0,
-                              sampler="euler", num_sampling_steps=None, seed=0, class_num=2, img_size=32,
-                              eval_wo_ema=False, fid_stats=None, fid_ref_dir=str(digits["b"]),
+                              sampler="euler", num_sampling_steps=2, seed=0, class_num=2, img_size=32, mrar=False,
+                              eval_wo_ema=False, eval_dtype=None, skip_metrics=False, resume=None, fid_stats=None,
+                              fid_ref_dir=str(digits["b"]),
                               fid_weights=converted_weights, fid_batch_size=7, model="transdiff_tiny")
 
     class Writer:
@@ -234,7 +235,7 @@ def test_evaluate_with_converted_weights_scores_without_is(converted_weights, di
 
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        result = ev.run_evaluation(model, eval_worker.TinyTokenizer(), args, epoch=3, log_writer=Writer())
+        result = engine_eval.run_evaluation(model, eval_worker.TinyTokenizer(), args, epoch=3, log_writer=Writer())
     assert calls and calls[0]["isc"] is False and calls[0]["prc"] is True and calls[0]["batch_size"] == 7
     assert "no logits head" in result["inception_score_unavailable"]
     saved = json.loads(Path(result["folder"], "metrics.json").read_text())

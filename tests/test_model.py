@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import load_fixture, synth_state_dict
 
-from models.transdiff import MODEL_SIZES, Transdiff, build_model, patchify, unpatchify
+from models import transdiff
+from models.transdiff import Transdiff, build_model, patchify, unpatchify
 
 RELEASED = {
     "transdiff_base": ("transdiff_base", {}),
@@ -194,7 +195,15 @@ def test_bad_inputs_get_clear_errors():
         build_model("transdiff_tiny", img_size=40)
     with pytest.raises(ValueError, match="unknown model"):
         build_model("transdiff_giant")
-    assert set(MODEL_SIZES) >= {"transdiff_tiny", "transdiff_base", "transdiff_large", "transdiff_huge"}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS_M))
+def test_public_factories_build_the_released_sizes(name):
+    with torch.device("meta"):
+        model = getattr(transdiff, name)()
+        wide = getattr(transdiff, name)(img_size=512)  # keyword arguments reach the model
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == PARAMS_M[name]
+    assert wide.img_size == 512 and wide.seq_len == 4 * model.seq_len
 
 
 def test_eval_mode_restored_after_sampling():

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine_transdiff as engine
 import main
 from models.transdiff import build_model
 
@@ -18,7 +19,7 @@ def preset_checkpoint(folder, data):
     args = main.check_args(parser, main.parse_args(parser, ["--preset", "digits", "--data_path", str(data),
                                                             "--output_dir", str(folder)]))
     torch.manual_seed(0)
-    sd = build_model(args.model, **main.model_kwargs(args)).state_dict()
+    sd = build_model(args.model, **engine.model_kwargs(args)).state_dict()
     folder.mkdir(parents=True)
     torch.save({"model": sd, "model_ema": sd, "epoch": 0, "args": args}, folder / "checkpoint-last.pth")
     return folder

@@ -41,7 +41,7 @@ def run(tmp_path):
 def test_pixel_run_loads_with_no_extra_arguments(run):
     model, ckpt = load_transdiff(str(run))
     assert (model.img_size, model.vae_stride, model.vae_embed_dim, model.class_num) == (SIDE, PATCH, 64, 10)
-    assert model.num_sampling_steps == STEPS  # the run's, not the model default of 100
+    assert sample.sampling_settings(model, ckpt)[0]["num_sampling_steps"] == STEPS  # the run's, not the default 100
     tok = load_tokenizer(ckpt)
     assert isinstance(tok, PixelTokenizer) and (tok.stride, tok.embed_dim) == (PATCH, 64)
 
@@ -85,12 +85,13 @@ def test_bf16_on_cpu_and_raw_weights(run, tmp_path):
 
 def test_default_settings_published_for_released_architectures_else_the_runs(run):
     mrar_l = SimpleNamespace(config={**MODEL_SIZES["transdiff_large"], "class_num": 1000, "decoder": "transformer"},
-                             mrar=True, img_size=256, num_sampling_steps=64)
-    settings, source = sample.sampling_settings(mrar_l, {"args": {"cfg": 3.0}})
+                             mrar=True, img_size=256)
+    run_args = {"args": {"cfg": 3.0, "num_sampling_steps": "64"}}  # as the released code stores it: a string
+    settings, source = sample.sampling_settings(mrar_l, run_args)
     assert (settings["cfg"], settings["scale_0"], settings["scale_1"], settings["num_sampling_steps"]) == \
         (1.30, 0.91, 0.93, 100) and "paper" in source
     mrar_l.img_size = 512  # no released L-MRAR at 512 px: the run's own
-    settings, _ = sample.sampling_settings(mrar_l, {"args": {"cfg": 3.0}})
+    settings, _ = sample.sampling_settings(mrar_l, run_args)
     assert (settings["cfg"], settings["scale_0"], settings["num_sampling_steps"]) == (3.0, 1.0, 64)
     model, ckpt = load_transdiff(str(run))
     settings, source = sample.sampling_settings(model, ckpt, {"cfg": 2.5, "scale_0": None})

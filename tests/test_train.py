@@ -78,7 +78,7 @@ def test_published_commands_parse(env, tmp_path):
                                                    "--only_train_diff", "--resume", str(start)] + out)
     assert hi.only_train_diff and hi.ema_rate == 0.999 and hi.img_size == 512
     with torch.device("meta"):  # --diffloss_w is the decoder width
-        model = build_model(hi.model, **main.model_kwargs(parse(one_step + ["--diffloss_w", "512"])))
+        model = build_model(hi.model, **engine.model_kwargs(parse(one_step + ["--diffloss_w", "512"])))
     assert model.diffdecoder.net.input_proj.out_features == 512 and model.class_emb.embedding_dim == 1024
 
 
@@ -289,11 +289,11 @@ def test_higher_resolution_start_with_frozen_encoder(env, tmp_path):
 def fake_evaluation(monkeypatch):
     seen = []
 
-    def run_evaluation(model, tokenizer, args, epoch=None, log_writer=None):
+    def run_evaluation(model, tokenizer, args, epoch=None, log_writer=None, sampling=None):
         seen.append({"epoch": epoch, "mrar": model.mrar, "scale": tokenizer.scale_factor,
                      "weights": {k: v.clone() for k, v in model.state_dict().items()}})
         return {"fid": 1.0}
-    monkeypatch.setitem(sys.modules, "util.evaluation", types.SimpleNamespace(run_evaluation=run_evaluation))
+    monkeypatch.setitem(sys.modules, "engine_eval", types.SimpleNamespace(run_evaluation=run_evaluation))
     return seen
 
 
@@ -311,7 +311,6 @@ def test_online_eval_uses_the_ema_weights(env, tmp_path, monkeypatch):
 
 
 def test_online_eval_with_the_evaluation_module(env, tmp_path):
-    pytest.importorskip("util.evaluation")
     out = tmp_path / "run"
     main.cli(tiny(env, out, "--online_eval", "--skip_metrics", "--eval_freq", "1", "--epochs", "1", "--batch_size",
                   "4", "--num_images", "10", "--eval_bsz", "5", "--num_sampling_steps", "2"))

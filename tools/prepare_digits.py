@@ -4,7 +4,7 @@
 
 gives `data/digits/train/<0..9>/*.png` (what the generator trains on) and `data/digits/heldout/<0..9>/*.png`
 (a stratified, seeded split that the generator never sees; the quick start's judge is trained on it).
-`main.py --preset digits` does this by itself when its --data_path does not exist; see util/digits.py.
+`main.py --preset digits` does this by itself when its --data_path does not exist; see digits_preset.py.
 """
 import argparse
 import os
@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from util import digits  # noqa: E402
+import digits_preset as digits  # noqa: E402
 from util.errors import OneLineParser  # noqa: E402
 
 

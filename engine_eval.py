@@ -1,0 +1,225 @@
+"""How an evaluation is run: generate the class-balanced image set as PNGs with the model, then score it (FID,
+Inception Score, precision/recall). The folder layout, per-image seeds and settings are in util/evaluation.py.
+
+Works in one process or under torchrun: ranks share the folder (a shared filesystem across nodes), rank 0 decides
+which images are missing and broadcasts it, every rank generates its share, and rank 0 scores the folder.
+Running the same command again skips the images already written, so an interrupted run completes its set.
+"""
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from util import evaluation as ev
+from util import runlock
+from util.amp import autocast
+from util.checkpoint import append_jsonl, save_json
+from util.distributed import (
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    broadcast,
+    comm_device,
+    rank,
+    run_on_rank0,
+    world_size,
+)
+
+
+def _module_device(module, default=None):
+    if isinstance(module, torch.nn.Module):
+        for p in module.parameters():
+            return p.device
+        for b in module.buffers():
+            return b.device
+    return default
+
+
+def _manifest(model, tokenizer, args, sampling, out_dir):
+    return {"model": args.model, "mrar": bool(model.mrar), "img_size": int(args.img_size),
+            "class_num": int(model.class_num),
+            "resume": os.path.normpath(os.path.abspath(args.resume)) if args.resume else None,
+            "latent_scale": ev.latent_scale(tokenizer), "num_images": int(args.num_images), **sampling.record(),
+            "folder": os.path.abspath(out_dir)}
+
+
+def _plan(manifest, args, out_dir, device):
+    """Rank 0 locks the folder (one live run per folder), checks it and lists the missing images; every rank gets
+    the list (or the refusal). Returns (missing indices, the lock for runlock.release)."""
+    n = int(args.num_images)
+    status, missing, error, lock = 0, [], None, None
+    if rank() == 0:
+        try:
+            lock = runlock.acquire(out_dir, "image generation", log=lambda m: print(f"[eval] {m}", flush=True))
+            ev.check_manifest(out_dir, manifest)
+            missing = ev.missing_indices(out_dir, n, args.img_size)
+        except Exception as e:  # told to the other ranks below, so they do not wait forever
+            status, error = 1, e
+    if world_size() > 1:
+        buf = torch.zeros(n + 1, dtype=torch.uint8, device=comm_device(device))
+        if rank() == 0:
+            buf[0] = status
+            buf[1:][torch.tensor(missing, dtype=torch.int64, device=buf.device)] = 1
+        buf = broadcast(buf).cpu()
+        status = int(buf[0])
+        missing = torch.nonzero(buf[1:]).flatten().tolist()
+    if error is not None:
+        runlock.release(lock)
+        raise error
+    if status:
+        raise RuntimeError(f"rank 0 could not prepare {out_dir}; see its error")
+    return missing, lock
+
+
+def generate_images(model, tokenizer, args, out_dir, sampling=None):
+    """Write the PNGs of `out_dir` that are still missing, this rank's share of them; returns speed statistics
+    reduced over ranks (identical on every rank). `sampling` defaults to the settings of `args`."""
+    sampling = sampling or ev.SamplingSettings.from_args(args)
+    n, bsz = int(args.num_images), int(args.eval_bsz)
+    if bsz <= 0:
+        raise ValueError(f"--eval_bsz must be positive, got {bsz}")
+    if int(args.class_num) != model.class_num:
+        raise ValueError(f"args.class_num={args.class_num} but the model has {model.class_num} classes")
+    if int(args.img_size) != model.img_size:
+        raise ValueError(f"--img_size {args.img_size} but the model generates {model.img_size} px images")
+    ev.labels_for(n, model.class_num)  # refuses an unbalanced count before the folder is touched
+    device = _module_device(model, torch.device("cpu"))
+    missing, lock = _plan(_manifest(model, tokenizer, args, sampling, out_dir), args, out_dir, device)
+    try:
+        return _generate(model, tokenizer, args, sampling, out_dir, missing, device)
+    finally:
+        runlock.release(lock)
+
+
+def _generate(model, tokenizer, args, sampling, out_dir, missing, device):
+    n, bsz, world = int(args.num_images), int(args.eval_bsz), world_size()
+    labels = ev.labels_for(n, model.class_num)
+    tok_device = _module_device(tokenizer, device)
+    scale = ev.latent_scale(tokenizer)
+    mine = missing[rank()::world]  # the missing images dealt round-robin: shares differ by at most one image
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    modes = [(m, m.training) for m in (model, tokenizer) if isinstance(m, torch.nn.Module)]
+    for m, _ in modes:
+        m.eval()
+    done, timed_images, nonfinite = 0, 0, 0
+    start = time.perf_counter()
+    timed_start = None
+    try:
+        with torch.no_grad(), tqdm(total=len(mine), unit="img", desc=f"generating {os.path.basename(out_dir)}",
+                                   disable=rank() != 0, dynamic_ncols=True) as bar:
+            for lo in range(0, len(mine), bsz):
+                idx = mine[lo:lo + bsz]
+                gens = [torch.Generator(device=device).manual_seed(ev.image_seed(sampling.seed, i)) for i in idx]
+                with autocast(device, sampling.autocast_dtype):
+                    latents = model.samples(labels[idx].to(device), generator=gens, **sampling.sample_kwargs())
+                    images = tokenizer.decode(latents.to(tok_device) / scale)
+                images = images.float()
+                if images.shape[1:] != (3, int(args.img_size), int(args.img_size)):
+                    raise ValueError(f"the tokenizer decoded images of shape {tuple(images.shape[1:])}; expected "
+                                     f"(3, {args.img_size}, {args.img_size}) for --img_size {args.img_size}")
+                bad = ~torch.isfinite(images).flatten(1).all(dim=1)
+                if bad.any():
+                    # One diverged sample should not end a 50K run: written as mid-grey, counted, reported.
+                    nonfinite += int(bad.sum())
+                    images = torch.nan_to_num(images, nan=0.0, posinf=1.0, neginf=-1.0)
+                for i, arr in zip(idx, ev.to_uint8(images)):
+                    ev.save_png(arr, ev.image_path(out_dir, i, n))
+                done += len(idx)
+                bar.update(len(idx))
+                if timed_start is None:
+                    timed_start = time.perf_counter()  # the first batch pays for warm-up and allocations
+                else:
+                    timed_images += len(idx)
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+    end = time.perf_counter()
+    peak, peak_kind = ev.peak_memory(device)
+    barrier()
+
+    comm = comm_device(device)
+    counts = all_reduce_sum(torch.tensor([done, timed_images, nonfinite], dtype=torch.int64, device=comm)).tolist()
+    times = all_reduce_max(torch.tensor(
+        [end - start, (end - timed_start) if timed_start is not None and timed_images else 0.0,
+         float(peak if peak is not None else -1)], dtype=torch.float64, device=comm)).tolist()
+    generated, timed_images, nonfinite = counts
+    wall, timed_wall, peak = times
+    return {
+        "images_total": n,
+        "images_generated": generated,
+        "images_skipped": n - len(missing),
+        "world_size": world,
+        "eval_bsz": bsz,
+        # kernels split work by thread count: 1/255 pixel differences between thread counts, none between batch sizes
+        "threads_per_rank": torch.get_num_threads(),
+        "generation_wall_s": wall,
+        # first batch of every rank excluded; None when no rank ran a second batch
+        "images_per_s": timed_images / timed_wall if timed_images and timed_wall > 0 else None,
+        "s_per_image": timed_wall / timed_images if timed_images and timed_wall > 0 else None,
+        "timed_images": timed_images,
+        "peak_memory_bytes": int(peak) if peak >= 0 else None,
+        "peak_memory_kind": peak_kind,
+        "nonfinite_images": nonfinite,
+    }
+
+
+def run_evaluation(model, tokenizer, args, epoch=None, log_writer=None, feature_extractor=None, sampling=None):
+    """Generate ``args.num_images`` images with `model` (already holding the weights to evaluate) and score them.
+
+    Collective: every rank calls it. Returns the result dict on rank 0 and None elsewhere. `sampling` defaults to
+    the settings of `args`; `feature_extractor` replaces the Inception network (tests; see
+    ``util.metrics.compute_metrics``). With ``args.skip_metrics`` only the images and the speed report are made.
+    """
+    from util import metrics as metrics_lib  # torch-fidelity is only imported when evaluating
+
+    model = getattr(model, "module", model)  # tolerate a DDP wrapper
+    sampling = sampling or ev.SamplingSettings.from_args(args)
+    out_dir = ev.eval_dir(args, epoch, model, sampling)
+    weights = args.fid_weights
+    device = _module_device(model, torch.device("cpu"))
+    ref_stats = ref_dir = None
+    isc_unavailable = None  # why there is no Inception Score, when the weights cannot give one
+
+    def check_references():
+        # Before generating, so that a missing file fails in seconds rather than after hours of sampling.
+        nonlocal ref_stats, ref_dir, isc_unavailable
+        ref_stats, ref_dir = ev.resolve_fid_reference(args)
+        if feature_extractor is None and not metrics_lib.inception_weights_have_logits(weights):
+            isc_unavailable = (f"{metrics_lib.resolve_inception_weights(weights)} has no logits head (made by "
+                               "tools/fid_weights.py); the Inception Score needs torch-fidelity's own "
+                               f"{metrics_lib.INCEPTION_WEIGHTS_FILENAME}")
+            print(f"[eval] no Inception Score: {isc_unavailable}; scoring FID"
+                  f"{' and precision/recall' if ref_dir else ''} only", flush=True)
+
+    if not args.skip_metrics:
+        # Only rank 0 scores, so only its node needs the statistics and the Inception weights.
+        run_on_rank0(check_references, device)
+
+    speed = generate_images(model, tokenizer, args, out_dir, sampling)
+
+    result = None
+    if rank() == 0:
+        n = int(args.num_images)
+        ev.check_folder(out_dir, n)
+        scores = {"fid": None, "inception_score_mean": None, "inception_score_std": None, "precision": None,
+                  "recall": None, "num_images": n}
+        if not args.skip_metrics:
+            # precision/recall need reference samples: only with a reference folder
+            scores = metrics_lib.compute_metrics(
+                out_dir, ref_stats=ref_stats, ref_dir=ref_dir, feature_extractor_weights_path=weights, device=device,
+                batch_size=int(args.fid_batch_size), isc=isc_unavailable is None, prc=ref_dir is not None,
+                feature_extractor=feature_extractor)
+        settings = {"model": args.model, "mrar": bool(model.mrar), "img_size": int(args.img_size),
+                    "num_images": n, "class_num": int(model.class_num), **sampling.record(), "epoch": epoch,
+                    "resume": args.resume}
+        result = {**scores, "inception_score_unavailable": isc_unavailable, "metrics_skipped": args.skip_metrics,
+                  "fid_reference": ref_stats or ref_dir, "folder": os.path.abspath(out_dir),
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "settings": settings, "speed": speed}
+        save_json(os.path.join(out_dir, "metrics.json"), result)
+        append_jsonl(os.path.join(args.output_dir, "eval_results.jsonl"), result)
+        ev.report(result, log_writer, epoch)
+    barrier()
+    return result

@@ -93,6 +93,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _timed(fn, device):
+    """Seconds of one fn() on `device`, its queued work included."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def time_fn(fn, device, warmup, repeats, between=None):
     """Median (and all) wall times in seconds of fn(), warm-up runs excluded; `between()` (untimed here) runs
     after each timed run (the interleaved reference)."""
@@ -101,11 +110,7 @@ def time_fn(fn, device, warmup, repeats, between=None):
     _sync(device)
     times = []
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(_timed(fn, device))
         if between is not None:
             between()
     return statistics.median(times), times
@@ -145,11 +150,7 @@ class MatmulReference:
         self.reps, self.times = {}, {k: [] for k in self.kinds}
         for kind, fn in self.kinds.items():
             fn()
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            self.reps[kind] = max(1, math.ceil(min_seconds / max(time.perf_counter() - t0, 1e-7)))
+            self.reps[kind] = max(1, math.ceil(min_seconds / max(_timed(fn, device), 1e-7)))
 
     def run(self):
         for kind, fn in self.kinds.items():

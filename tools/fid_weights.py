@@ -24,13 +24,13 @@ import importlib.util
 import io
 import os
 import sys
-import tempfile
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from util.checkpoint import atomic_write  # noqa: E402
 from util.metrics import (  # noqa: E402
     FID_FEATURE,
     LOGITS_HEAD_KEYS,
@@ -165,25 +165,22 @@ def build(output: str, force: bool = False, ts_path: str | None = None) -> dict:
                               "Score's logits head); pass --force to replace it")
     ts = load_torchscript(ts_path)
     state = convert(ts, _reference_state_dict())
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
-    os.close(fd)
-    try:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    checked = {}
+
+    def write(tmp):
         # through memory: torch.save to a path names the archive after the (random) file name, which would give
         # every build another hash
         buffer = io.BytesIO()
         torch.save(state, buffer)
         with open(tmp, "wb") as f:
             f.write(buffer.getbuffer())
-        diff = max_feature_difference(tmp, ts)
-        if not diff <= MAX_ABS_DIFF:  # also refuses NaN
+        diff = checked["diff"] = max_feature_difference(tmp, ts)
+        if not diff <= MAX_ABS_DIFF:  # also refuses NaN; atomic_write then removes the file
             raise RuntimeError(f"the converted network does not reproduce the TorchScript (max |difference| of the "
                                f"pool features {diff:.3g} > {MAX_ABS_DIFF}); nothing written")
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(output, write)
+    diff = checked["diff"]
     return {"weights": output, "max_abs_diff": diff, "check_images": CHECK_BATCH}
 
 

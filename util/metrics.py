@@ -30,7 +30,6 @@ import mmap
 import os
 import pickle
 import struct
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -49,6 +48,7 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 from torch_fidelity.utils import glob_samples_paths
 from tqdm import tqdm
 
+from util.checkpoint import atomic_write
 from util.data import center_crop_arr
 
 __all__ = [
@@ -542,23 +542,13 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, num_i
         raise ValueError(f"Statistics path {path!r} must end with .npz")
     if os.path.exists(path) and not force:
         raise FileExistsError(f"{path!r} exists; pass force=True (--force) to overwrite it.")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                mu=np.asarray(mu, dtype=np.float64),
-                sigma=np.asarray(sigma, dtype=np.float64),
-                num_images=np.int64(num_images),
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
+            np.savez(f, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64),
+                     num_images=np.int64(num_images))
+    atomic_write(path, write)
     return path
 
 

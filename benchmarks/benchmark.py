@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from models import blocks  # noqa: E402
+from models import fused  # noqa: E402
 from models.diffdecoder import DecoderNet  # noqa: E402
 from models.transdiff import MODEL_SIZES, build_model  # noqa: E402
 from util.amp import autocast  # noqa: E402
@@ -361,11 +361,11 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32; bf16/fp16 go through autocast
         torch.backends.cudnn.allow_tf32 = False
     if args.no_onednn:
-        blocks.ONEDNN_LINEAR = False
+        fused.ONEDNN_LINEAR = False
     dtype = DTYPES[args.dtype]
     model = make_model(args, device)
     if args.compile:
-        from models.diffdecoder import compile_model
+        from models.transdiff import compile_model
         compile_model(model)
     net = model.diffdecoder.net
     report = {
@@ -379,7 +379,7 @@ def main(argv=None):
         "env": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
                 "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                 else _cpu_name()),
-                "threads": torch.get_num_threads(), "onednn_linear": getattr(blocks, "ONEDNN_LINEAR", False),
+                "threads": torch.get_num_threads(), "onednn_linear": fused.ONEDNN_LINEAR,
                 "load_average_before": _loadavg()},
     }
     if not args.no_sampling:

@@ -1,67 +1,21 @@
 """Transformer blocks of TransDiff: the AR encoder block and the diffusion decoder's blocks.
 
 Module and parameter names follow the released checkpoints (see tests/fixtures/official_state_dicts.json).
-All attention goes through scaled_dot_product_attention.
+All attention goes through scaled_dot_product_attention. Each `forward` here is the plain path (training, and
+any call with autograd); without autograd in eval mode the blocks run models/fused.py, which restates each
+`forward` with fewer passes over memory: a change to a block is made in both files (tests/test_model.py checks
+every pair against each other).
 """
-import functools
 import math
-import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
+from torch.utils.checkpoint import checkpoint
 
-# Inference on CPU in fp32: the linear layers go through oneDNN, with the bias (and GELU where it follows)
-# fused into the matrix product and the weight kept in oneDNN's blocked layout between calls. On x86 this is
-# faster than the BLAS path of F.linear (which writes the bias in a separate pass) and the same to fp32
-# rounding. Used only without autograd and outside autocast and torch.compile (whose CPU backend picks its
-# own kernels); everything else takes F.linear. Set ONEDNN_LINEAR to False to compare.
-ONEDNN_LINEAR = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-_packed_weights = weakref.WeakKeyDictionary()  # nn.Linear -> (weight, its storage and version, packed weight)
-
-
-def _packed_weight(layer):
-    """The layer's weight reordered for oneDNN, redone whenever the weight changes: in-place updates
-    (optimizer steps, load_state_dict, copy_ under no_grad) bump its version, replacing it changes its storage.
-    Writes through `.data` bypass the version counter: call `clear_packed_weights()` after those."""
-    w = layer.weight
-    ident = (w.data_ptr(), w._version, w.shape)
-    entry = _packed_weights.get(layer)
-    if entry is None or entry[0]() is not w or entry[1] != ident:
-        entry = (weakref.ref(w), ident, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
-        _packed_weights[layer] = entry
-    return entry[2]
-
-
-def clear_packed_weights():
-    _packed_weights.clear()
-
-
-@functools.cache
-def _onednn_works():
-    """Once per process: do these kernels run here (some builds or CPUs lack them)?"""
-    try:
-        w = torch.ones(4, 8)
-        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8), torch.ops.mkldnn._reorder_linear_weight(w),
-                                               torch.zeros(4), "gelu", [], "none")
-        return bool(torch.allclose(y, F.gelu(torch.full((2, 4), 8.0))))
-    except RuntimeError:
-        return False
-
-
-def linear(x, layer, gelu=False):
-    """layer(x) (an nn.Linear), optionally followed by exact GELU, through the fastest path available."""
-    if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and layer.weight.dtype == x.dtype
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()):
-        if _onednn_works():
-            return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(layer), layer.bias,
-                                                      "gelu" if gelu else "none", [], "none" if gelu else "")
-    y = F.linear(x, layer.weight, layer.bias)
-    return F.gelu(y) if gelu else y
-
+from models import fused
+from models.fused import heads, merge
 
 # Training on CPU: torch's dropout draws a float Bernoulli per element (with SDPA's unfused math path that
 # dropout needs, the largest non-matmul cost of a CPU training step, ~18% of it at width 256) and rescales in a
@@ -91,7 +45,7 @@ def keep_mask(shape, p, device):
 def linear_dropout(x, layer, p):
     """dropout(layer(x), p) (p = 0: no dropout)."""
     if p == 0.0:
-        return linear(x, layer)
+        return F.linear(x, layer.weight, layer.bias)
     if not _fast_dropout(x, p):
         return F.dropout(F.linear(x, layer.weight, layer.bias), p, True)
     keep, scale = keep_mask((*x.shape[:-1], layer.out_features), p, x.device)
@@ -128,16 +82,6 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0):
     return (torch.where(keep, weights, 0.0) @ v) * scale
 
 
-def _heads(x, num_heads):
-    b, n, c = x.shape
-    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)
-
-
-def _merge(x):
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
-
-
 class SelfAttention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
@@ -151,9 +95,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, attn_mask=None):
         b, n, c = x.shape
-        q, k, v = linear(x, self.qkv).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         x = attention(q, k, v, attn_mask, self.attn_drop if self.training else 0.0)
-        return linear_dropout(_merge(x), self.proj, self.proj_drop.p if self.training else 0.0)
+        return linear_dropout(merge(x), self.proj, self.proj_drop.p if self.training else 0.0)
 
 
 class CrossAttention(nn.Module):
@@ -176,16 +120,14 @@ class CrossAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def kv(self, c):
-        return _heads(linear(c, self.wk), self.num_heads), _heads(linear(c, self.wv), self.num_heads)
+        return heads(self.wk(c), self.num_heads), heads(self.wv(c), self.num_heads)
 
     def forward(self, x, kv):
         k, v = kv
         b, n, c = x.shape
-        if b % k.shape[0]:
-            raise ValueError(f"{b} latent sequences but {k.shape[0]} condition sequences (need a multiple)")
-        q = linear(x, self.wq).view(k.shape[0], -1, self.num_heads, c // self.num_heads).transpose(1, 2)
+        q = self.wq(x).view(fused.condition_groups(b, k), -1, self.num_heads, c // self.num_heads).transpose(1, 2)
         x = attention(q, k.to(q.dtype), v.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0)
-        return linear_dropout(_merge(x).view(b, n, c), self.proj, self.proj_drop.p if self.training else 0.0)
+        return linear_dropout(merge(x).view(b, n, c), self.proj, self.proj_drop.p if self.training else 0.0)
 
 
 class EncoderBlock(nn.Module):
@@ -199,29 +141,24 @@ class EncoderBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
 
     def forward(self, x, attn_mask=None):
+        if fused.applies(self):  # dispatched here, so that torch.compile of the block covers both paths
+            return fused.encoder_block(self, x, attn_mask)
         x = x + self.attn(self.norm1(x), attn_mask)
-        if torch.is_grad_enabled() or self.training:
-            return x + mlp_forward(self.mlp, self.norm2(x))
-        return x.add_(linear(linear(self.norm2(x), self.mlp.fc1, gelu=True), self.mlp.fc2))
+        return x + mlp_forward(self.mlp, self.norm2(x))
+
+
+def run_blocks(blocks, x, *args, checkpointing=False):
+    """x through each block in turn (block(x, *args)); with autograd and `checkpointing`, recomputing each
+    block's activations in the backward pass instead of keeping them."""
+    for blk in blocks:
+        x = checkpoint(blk, x, *args, use_reentrant=False) if checkpointing and torch.is_grad_enabled() \
+            else blk(x, *args)
+    return x
 
 
 def modulate(x, shift, scale):
     """x * (1 + scale) + shift in one fused op."""
     return torch.addcmul(shift, x, 1 + scale)
-
-
-def _modulated_norm(norm, x, shift, scale):
-    """norm(x) * (1 + scale) + shift without autograd (inference): when the modulation is the same for every
-    sample (shape (1, 1, W), as in sampling, where all samples share t) it is folded into the LayerNorm's own
-    weight and bias, so the whole thing is one pass over x."""
-    c = x.shape[-1]
-    if shift.shape[0] == 1:
-        weight, bias = 1 + scale, shift
-        if norm.weight is not None:
-            weight, bias = norm.weight * weight, torch.addcmul(shift, norm.bias, weight)
-        return F.layer_norm(x, (c,), weight.reshape(c), bias.reshape(c), norm.eps)
-    h = norm(x)
-    return h.mul_(1 + scale).add_(shift)
 
 
 class DecoderBlock(nn.Module):
@@ -247,16 +184,6 @@ class DecoderBlock(nn.Module):
         x = torch.addcmul(x, gate1, self.attn1(modulate(self.norm1(x), shift1, scale1)))
         x = x + self.attn2(self.norm2(x), kv)
         return torch.addcmul(x, gate2, mlp_forward(self.mlp, modulate(self.norm3(x), shift2, scale2)))
-
-    def forward_inference_(self, x, t6, kv):
-        """The same function for inference (no autograd, eval mode): updates x in place and returns it.
-        Modulation is folded into the LayerNorms when all samples share t, residual adds are fused with the
-        gates (addcmul_), and on CPU the linear layers carry their bias and GELU (see `linear`)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table + t6).to(x.dtype).chunk(6, dim=1)
-        x.addcmul_(self.attn1(_modulated_norm(self.norm1, x, shift1, scale1)), gate1)
-        x.add_(self.attn2(self.norm2(x), kv))
-        h = linear(_modulated_norm(self.norm3, x, shift2, scale2), self.mlp.fc1, gelu=True)
-        return x.addcmul_(linear(h, self.mlp.fc2), gate2)
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
@@ -300,6 +227,4 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, temb):
         shift, scale = (self.scale_shift_table + temb[:, None]).to(x.dtype).chunk(2, dim=1)
-        if torch.is_grad_enabled():
-            return self.linear(modulate(self.norm_final(x), shift, scale))
-        return linear(_modulated_norm(self.norm_final, x, shift, scale), self.linear)
+        return self.linear(modulate(self.norm_final(x), shift, scale))

@@ -9,7 +9,8 @@ from torch.utils.checkpoint import checkpoint
 
 from diffusion.flow import flow_matching_loss
 from diffusion.samplers import sample as run_sampler
-from models.blocks import DecoderBlock, FinalLayer, TimeEmbedding, linear
+from models import fused
+from models.blocks import DecoderBlock, FinalLayer, TimeEmbedding
 
 
 class DecoderNet(nn.Module):
@@ -45,7 +46,9 @@ class DecoderNet(nn.Module):
 
     def condition_kv(self, c):
         """Per-block cross-attention keys/values of conditions c (B, N, cond_dim)."""
-        c = linear(c, self.cond_embed)
+        if fused.applies(self):
+            return fused.condition_kv(self, c)
+        c = self.cond_embed(c)
         return [blk.attn2.kv(c) for blk in self.res_blocks]
 
     def forward(self, x, c, t, cond_kv=None):
@@ -53,7 +56,7 @@ class DecoderNet(nn.Module):
         / a scalar when every sample is at the same time (sampling), which computes the time embedding once.
 
         Pass either the conditions `c` or their precomputed `cond_kv` (from `condition_kv`). Without autograd
-        and in eval mode the blocks run an in-place inference path (same function, fewer passes over memory)."""
+        and in eval mode the network runs models/fused.py (same function, fewer passes over memory)."""
         if x.shape[1:] != (self.seq_len, self.token_dim):
             raise ValueError(f"decoder expects latent tokens of shape (B, {self.seq_len}, {self.token_dim}), "
                              f"got {tuple(x.shape)}")
@@ -63,29 +66,15 @@ class DecoderNet(nn.Module):
         if cond_kv is None:
             cond_kv = self.condition_kv(c)
         temb, t6 = self.time_embed(t)
-        if torch.is_grad_enabled() or self.training:
-            x = self.input_proj(x) + self.diffusion_pos_embed_learned
-            for blk, kv in zip(self.res_blocks, cond_kv):
-                if self.grad_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(blk, x, t6, kv, use_reentrant=False)
-                else:
-                    x = blk(x, t6, kv)
-        else:
-            x, pos = linear(x, self.input_proj), self.diffusion_pos_embed_learned
-            x = x.add_(pos) if x.dtype == pos.dtype else x + pos  # under autocast: promote to fp32
-            for blk, kv in zip(self.res_blocks, cond_kv):
-                x = blk.forward_inference_(x, t6, kv)
+        if fused.applies(self):
+            return fused.decoder(self, x, t6, temb, cond_kv)
+        x = self.input_proj(x) + self.diffusion_pos_embed_learned
+        for blk, kv in zip(self.res_blocks, cond_kv):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, t6, kv, use_reentrant=False)
+            else:
+                x = blk(x, t6, kv)
         return self.final_layer(x, temb)
-
-
-def compile_model(model, **kwargs):
-    """torch.compile, in place, the parts of a Transdiff model (or a bare DecoderNet) that run often: the
-    decoder network and the encoder blocks. Modules keep their names, so state dicts and checkpoints are
-    unchanged. kwargs go to torch.compile (e.g. mode="max-autotune")."""
-    nets = [model] if isinstance(model, DecoderNet) else [model.diffdecoder.net, *getattr(model, "encoder_blocks", [])]
-    for net in nets:
-        net.compile(**kwargs)
-    return model
 
 
 class DiffDecoder(nn.Module):

@@ -11,12 +11,10 @@ It has the interface of `DecoderNet`: `condition_kv(c)` prepares the conditions 
 """
 import math
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from models.blocks import TimestepEmbedder, modulate, timestep_embedding
+from models.blocks import TimestepEmbedder, modulate, run_blocks, timestep_embedding
 
 
 class ResBlock(nn.Module):
@@ -95,9 +93,5 @@ class MLPHeadNet(nn.Module):
             cond = cond.repeat_interleave(x.shape[0] // cond.shape[0], dim=0)
         y = self.time_embed(timestep_embedding(t, self.freq_dim))[:, None] + cond
         x = self.input_proj(x)
-        for blk in self.res_blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, y, use_reentrant=False)
-            else:
-                x = blk(x, y)
+        x = run_blocks(self.res_blocks, x, y, checkpointing=self.grad_checkpointing)
         return self.final_layer(x, y)

@@ -7,12 +7,12 @@ One class serves both modes:
   decoded from the outputs of [mask, ref 0 .. ref k-1], and the last of the K images is returned.
 """
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
-from models.blocks import EncoderBlock
+from models.blocks import EncoderBlock, run_blocks
 from models.diffdecoder import DecoderNet, DiffDecoder
 from models.mlp_head import MLPHeadNet
 
@@ -164,11 +164,7 @@ class Transdiff(nn.Module):
         n = x.shape[1]
         x = self.z_proj_ln(x + self.encoder_pos_embed_learned[:, :n])
         mask = self.attn_mask[:n, :n] if self.attn_mask is not None else None
-        for blk in self.encoder_blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, mask, use_reentrant=False)
-            else:
-                x = blk(x, mask)
+        x = run_blocks(self.encoder_blocks, x, mask, checkpointing=self.grad_checkpointing)
         x = self.encoder_norm(x)[:, self.buffer_size:]
         return x + self.diffusion_pos_embed_learned[:, :x.shape[1]]
 
@@ -245,6 +241,16 @@ class Transdiff(nn.Module):
             self.train(was_training)
 
 
+def compile_model(model, **kwargs):
+    """torch.compile, in place, the parts of a Transdiff model (or a bare DecoderNet) that run often: the
+    decoder network and the encoder blocks. Modules keep their names, so state dicts and checkpoints are
+    unchanged. kwargs go to torch.compile (e.g. mode="max-autotune")."""
+    nets = [model] if isinstance(model, DecoderNet) else [model.diffdecoder.net, *getattr(model, "encoder_blocks", [])]
+    for net in nets:
+        net.compile(**kwargs)
+    return model
+
+
 MODEL_SIZES = {
     # a few-hundred-thousand-parameter model for CPU smoke runs and tests
     "transdiff_tiny": dict(encoder_embed_dim=64, encoder_depth=1, encoder_num_heads=4,
@@ -266,14 +272,7 @@ def build_model(name, **overrides):
     return Transdiff(**{**MODEL_SIZES[name], **overrides})
 
 
-# The released sizes by the names the reference code exports (README "Released models").
-def transdiff_base(**kwargs):
-    return build_model("transdiff_base", **kwargs)
-
-
-def transdiff_large(**kwargs):
-    return build_model("transdiff_large", **kwargs)
-
-
-def transdiff_huge(**kwargs):
-    return build_model("transdiff_huge", **kwargs)
+# The released sizes as functions, by the names README.md and SPEC.md give them.
+transdiff_base = partial(build_model, "transdiff_base")
+transdiff_large = partial(build_model, "transdiff_large")
+transdiff_huge = partial(build_model, "transdiff_huge")

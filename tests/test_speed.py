@@ -14,9 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.benchmark import decoder_flops
 from diffusion import samplers
-from models import blocks
-from models.diffdecoder import DecoderNet, DiffDecoder, compile_model
-from models.transdiff import build_model
+from models import fused
+from models.diffdecoder import DecoderNet, DiffDecoder
+from models.transdiff import build_model, compile_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +59,7 @@ def test_kv_cache_gives_the_same_velocity_and_samples():
 
 @pytest.mark.parametrize("onednn", [True, False])
 def test_inference_path_matches_plain_path(onednn, monkeypatch):
-    monkeypatch.setattr(blocks, "ONEDNN_LINEAR", onednn and blocks.ONEDNN_LINEAR)
+    monkeypatch.setattr(fused, "ONEDNN_LINEAR", onednn and fused.ONEDNN_LINEAR)
     net = small_net()
     x, c, t = inputs()
     ref = reference_velocity(net, x, c, t)
@@ -77,24 +77,24 @@ def test_inference_path_matches_plain_path(onednn, monkeypatch):
 
 
 def test_onednn_linear_matches_f_linear():
-    if not blocks.ONEDNN_LINEAR:
+    if not fused.ONEDNN_LINEAR:
         pytest.skip("no oneDNN linear in this build")
     lin = torch.nn.Linear(48, 80)
     x = torch.randn(2, 7, 48)
     with torch.no_grad():
-        torch.testing.assert_close(blocks.linear(x, lin), torch.nn.functional.linear(x, lin.weight, lin.bias),
+        torch.testing.assert_close(fused.linear(x, lin), torch.nn.functional.linear(x, lin.weight, lin.bias),
                                    atol=1e-5, rtol=0)
-        torch.testing.assert_close(blocks.linear(x, lin, gelu=True), torch.nn.functional.gelu(lin(x)),
+        torch.testing.assert_close(fused.linear(x, lin, gelu=True), torch.nn.functional.gelu(lin(x)),
                                    atol=1e-5, rtol=0)
     # the packed copy of the weight follows in-place updates and loads
     with torch.no_grad():
         lin.weight.mul_(2)
-        torch.testing.assert_close(blocks.linear(x, lin), lin(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(fused.linear(x, lin), lin(x), atol=1e-5, rtol=0)
         lin.load_state_dict({"weight": torch.randn(80, 48), "bias": torch.randn(80)})
-        torch.testing.assert_close(blocks.linear(x, lin), lin(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(fused.linear(x, lin), lin(x), atol=1e-5, rtol=0)
         lin.weight = torch.nn.Parameter(torch.randn(80, 48))
-        torch.testing.assert_close(blocks.linear(x, lin), lin(x), atol=1e-5, rtol=0)
-    y = blocks.linear(x, lin)  # with autograd: F.linear, so gradients flow
+        torch.testing.assert_close(fused.linear(x, lin), lin(x), atol=1e-5, rtol=0)
+    y = fused.linear(x, lin)  # with autograd: F.linear, so gradients flow
     y.sum().backward()
     assert lin.weight.grad is not None
 

@@ -26,7 +26,7 @@ from util import data, runlock
 from util.checkpoint import LAST, save_json, seed_everything
 from util.distributed import barrier, cleanup, init_distributed
 from util.errors import OneLineParser, UserError, exit_on_user_error, report_once
-from util.evaluation import SamplingSettings, parse_cfg
+from util.evaluation import SamplingSettings, parse_cfg, resolve_fid_reference
 from util.logger import setup_logger, tensorboard_writer
 
 PROG = os.path.basename(__file__)
@@ -174,8 +174,7 @@ def check_args(parser, args):
         need(args.num_images % args.class_num == 0, "--num_images must be a multiple of --class_num (the same "
                                                     "number of images per class)")
         if not args.skip_metrics:  # now, not after the first evaluation epoch
-            from util.evaluation import resolve_fid_reference
-            from util.metrics import resolve_inception_weights
+            from util.metrics import resolve_inception_weights  # torch-fidelity only when evaluating
             try:
                 resolve_fid_reference(args)
                 resolve_inception_weights(args.fid_weights)

@@ -78,17 +78,20 @@ def comm_device(device):
     return torch.device("cpu")
 
 
+def _all_reduce(tensor, op):
+    if is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
 def all_reduce_sum(tensor):
     """In-place sum over ranks (returns the tensor for chaining)."""
-    if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor):
-    if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+    """In-place maximum over ranks (returns the tensor for chaining)."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def broadcast(tensor, src=0):

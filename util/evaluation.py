@@ -50,7 +50,7 @@ IDENTITY_KEYS = ("model", "mrar", "img_size", "class_num", "latent_scale")
 class SamplingSettings:
     """Everything besides the weights that changes the generated images. Built once from the command line
     (`from_args`); it names the evaluation folder, fills the manifest and the metrics record, and is what
-    `model.samples` is called with. Its defaults are main.py's."""
+    `model.samples` is called with. main.py takes its flag defaults from these."""
     num_sampling_steps: int = 100
     cfg: Any = 1.0            # one number, or one per MRAR image
     scale_0: float = 1.0      # sampler drift scale

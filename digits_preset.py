@@ -155,18 +155,19 @@ def _read_pngs(folder, n):
 
 def report_run(run, args, log=print):
     """`write_report` of a finished training run (engine_transdiff.Run), on its EMA weights unless --eval_wo_ema."""
-    with contextlib.nullcontext() if args.eval_wo_ema else run.ema.swapped_in(run.raw):
-        return write_report(run.raw, run.tokenizer, args, run.state, log=log)
+    with contextlib.nullcontext() if not run.sampling.ema else run.ema.swapped_in(run.raw):
+        return write_report(run.raw, run.tokenizer, args, run.state, log=log, sampling=run.sampling)
 
 
-def write_report(model, tokenizer, args, state, log=print):
+def write_report(model, tokenizer, args, state, log=print, sampling=None):
     """Generate --report_per_class digits per class with the run's sampling settings (per-image seeds, as in
     evaluation), write the class-by-class grid and the judge's accuracy on them, per class and overall.
     `model` holds the weights to judge (the EMA unless --eval_wo_ema). Collective under torchrun: every rank
     generates its share of the images (the same images whatever the world size), rank 0 alone judges them and
-    writes the report. Returns the report dict on rank 0, None elsewhere."""
+    writes the report. `sampling` defaults to the settings of `args`. Returns the report dict on rank 0, None
+    elsewhere."""
     t0 = time.time()
-    sampling = SamplingSettings.from_args(args)
+    sampling = sampling or SamplingSettings.from_args(args)
     class_num, per_class = int(args.class_num), int(args.report_per_class)
     n = class_num * per_class
     gen_args = Namespace(**{**vars(args), "num_images": n})

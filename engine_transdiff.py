@@ -88,6 +88,7 @@ class Run:
     metrics: Any = None         # MetricsLog on rank 0
     writer: Any = None          # TensorBoard on rank 0
     rng_states: Any = None      # per-rank RNG states of the checkpoint resumed from
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # of its evaluations and reports
 
     @property
     def epoch_samples(self):
@@ -219,7 +220,8 @@ def build_run(args, dist, tokenizer, writer):
                amp_dtype=amp_dtype, tokenizer=tokenizer, dataset=dataset, sampler=sampler, loader=loader, state=state,
                samples_per_step=args.eff_batch_size, steps_per_epoch=steps_per_epoch,
                metrics=MetricsLog(args.output_dir, resume_step=state.step) if dist.is_main else None,
-               writer=writer if dist.is_main else None, rng_states=rng_states)
+               writer=writer if dist.is_main else None, rng_states=rng_states,
+               sampling=SamplingSettings.from_args(args))
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -447,7 +449,7 @@ def train(args, dist, tokenizer, writer):
         if done % args.save_last_freq == 0 or eval_epoch:
             save(run, epochs_done=done if eval_epoch else None)
         if eval_epoch and args.online_eval:
-            metrics = evaluate_weights(run.raw, run.ema, tokenizer, args, epoch=done, writer=writer)
+            metrics = evaluate_weights(run.raw, run.ema, tokenizer, args, run.sampling, epoch=done, writer=writer)
             if metrics:
                 log.info(f"epoch {done} evaluation: FID {metrics.get('fid')}, "
                          f"IS {metrics.get('inception_score_mean')}")
@@ -457,12 +459,11 @@ def train(args, dist, tokenizer, writer):
 
 
 # ------------------------------------------------------------------ evaluation
-def evaluate_weights(raw, ema, tokenizer, args, epoch=None, writer=None):
+def evaluate_weights(raw, ema, tokenizer, args, sampling, epoch=None, writer=None):
     """engine_eval's evaluation of the EMA weights (the model's own with --eval_wo_ema), under a forked RNG so
     that training draws the same numbers whether or not it evaluates. Collective."""
     from engine_eval import run_evaluation  # not needed by a run without evaluation
 
-    sampling = SamplingSettings.from_args(args)
     device = next(raw.parameters()).device
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -491,7 +492,8 @@ def evaluate(args, dist, tokenizer, writer):
     model.load_state_dict(sd, strict=True)
     model.to(dist.device).eval()
     log.info(f"evaluating the {'raw' if args.eval_wo_ema else 'EMA'} weights of {path}")
-    metrics = evaluate_weights(model, None, tokenizer, args, epoch=ckpt.get("epoch"), writer=writer)
+    metrics = evaluate_weights(model, None, tokenizer, args, SamplingSettings.from_args(args), epoch=ckpt.get("epoch"),
+                               writer=writer)
     if metrics:
         log.info(f"evaluation: FID {metrics.get('fid')}, IS {metrics.get('inception_score_mean')}")
     return metrics

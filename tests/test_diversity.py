@@ -89,3 +89,20 @@ def test_real_reference_against_itself_is_perfect_and_the_floor_is_not():
     assert out["generated"]["fd"] == pytest.approx(0.0, abs=1e-3)
     assert out["generated"]["precision"] == 1.0 and out["generated"]["recall"] == 1.0
     assert out["real_floor"]["fd"] > 0.0 and out["num_reference"] == out["num_floor"] == 16
+
+
+def test_judge_trains_when_called_under_no_grad():
+    """A report made under no_grad (benchmarks/digits_cfg_sweep.py) on a data folder without a cached judge
+    trains the judge there: training must not depend on the caller's grad mode."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 1, 28, 28, generator=g) * 2 - 1
+    labels = torch.arange(40) % 2
+    kwargs = dict(epochs=2, batch_size=20, lr=1e-2, seed=0)
+    with torch.no_grad():
+        trained = dc.train_digit_classifier(images, labels, **kwargs)
+    reference = dc.train_digit_classifier(images, labels, **kwargs)
+    for a, b in zip(trained.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(a, b)
+    untrained = dc.train_digit_classifier(images, labels, **{**kwargs, "epochs": 0})
+    assert not all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(),
+                                                   untrained.state_dict().values()))

@@ -66,7 +66,9 @@ def _shift(x, generator, max_shift=2):
 def train_digit_classifier(images, labels, epochs, batch_size, lr, seed=0):
     """Train on (N, C, H, W) images in [-1, 1]; deterministic for a seed."""
     g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():  # dropout draws from the global RNG: leave the caller's stream alone
+    # dropout draws from the global RNG: leave the caller's stream alone; a caller sampling under no_grad (a
+    # report on a fresh data folder) still trains the judge
+    with torch.random.fork_rng(), torch.enable_grad():
         torch.manual_seed(seed)
         x, y = to_classifier_input(images), labels
         model = DigitClassifier(int(labels.max()) + 1)

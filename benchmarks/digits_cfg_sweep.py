@@ -4,6 +4,7 @@ same extra optimizer steps and against MRAR from scratch.
 
     pip install matplotlib                        # for the plot only
     python benchmarks/digits_cfg_sweep.py         # trains what is missing, sweeps, writes JSON and plot
+    python benchmarks/digits_cfg_sweep.py --run output/x --cfgs 1.5 2 [--steps 60]   # one finished run
 
 The runs (each trained by main.py unless its folder already holds a finished one; an interrupted one resumes):
 
@@ -83,21 +84,35 @@ def train(name, extra_steps=None):
     return {"seconds": round(time.time() - t0, 1), "trained_here": True}
 
 
-def point(name, cfg, loaded, log):
-    """The digits report of run `name` at `cfg` (made unless it exists); `loaded` caches the model."""
-    out = os.path.join(ROOT, "output", "cfg_sweep", name, f"cfg{cfg:g}")
+def point(name, cfg, loaded, log, folder=None, out=None, steps=None):
+    """The digits report of run `name` (or of the run in `folder`) at `cfg`, written to `out` (made unless it
+    exists), with the run's other sampling settings or `steps` sampler steps; `loaded` caches the model."""
+    folder = folder or run_dir(name)
+    out = out or os.path.join(ROOT, "output", "cfg_sweep", name, f"cfg{cfg:g}")
     if os.path.isfile(os.path.join(out, digits.REPORT_NAME)):
         return digits.read_report(out)
-    if name not in loaded:
-        model, ckpt = load_transdiff(run_dir(name))
+    if folder not in loaded:
+        model, ckpt = load_transdiff(folder)
         loaded.clear()  # one model in memory at a time
-        loaded[name] = (model.eval(), load_tokenizer(ckpt), ckpt)
-    model, tokenizer, ckpt = loaded[name]
+        loaded[folder] = (model.eval(), load_tokenizer(ckpt), ckpt)
+    model, tokenizer, ckpt = loaded[folder]
     args = Namespace(**{**checkpoint_args(ckpt), "cfg": cfg, "output_dir": out, "eval_wo_ema": False})
+    if steps is not None:
+        args.num_sampling_steps = steps
     state = Namespace(**ckpt["train_state"])
     os.makedirs(out, exist_ok=True)
     with torch.no_grad():
         return digits.write_report(model, tokenizer, args, state, log=log)
+
+
+def points_of_run(folder, cfgs, steps=None):
+    """--run: any finished digits run at chosen cfgs; reports under <run>/cfg_points/cfg<c>[-steps<n>]/."""
+    loaded = {}
+    for cfg in cfgs:
+        tag = f"cfg{cfg:g}" + (f"-steps{steps}" if steps is not None else "")
+        p = summary(point(None, cfg, loaded, print, folder, os.path.join(folder, "cfg_points", tag), steps))
+        print(f"{folder} {tag}: accuracy {p['accuracy']:.1%}, FD {p['fd']:.2f} ({p['fd_over_floor']}x floor), "
+              f"precision {p['precision']:.3f}, recall {p['recall']:.3f}", flush=True)
 
 
 def summary(report):
@@ -146,7 +161,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_cfg_sweep.json"))
     p.add_argument("--plot", default=os.path.join(ROOT, "docs", "digits_cfg_sweep.png"))
+    p.add_argument("--run", help="instead of the sweep: report this finished run folder at --cfgs")
+    p.add_argument("--cfgs", type=float, nargs="+", default=[1.5, 2.0])
+    p.add_argument("--steps", type=int, help="with --run: sampler steps (default: the run's)")
     args = p.parse_args(argv)
+    if args.run:
+        return points_of_run(os.path.abspath(args.run), args.cfgs, args.steps)
     os.chdir(ROOT)  # the runs' stored paths (data/digits, output/...) are relative to the repository
     t0, load = time.time(), os.getloadavg()[0]
     runs, loaded = {}, {}

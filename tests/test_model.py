@@ -130,6 +130,46 @@ def test_training_reduces_loss_on_a_fixed_batch():
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
 
 
+def _loss_and_grads(model, latents, labels):
+    torch.manual_seed(3)  # the same label drops, noise and times on both paths
+    model.zero_grad()
+    loss = model(latents, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_one_encoder_pass_per_class_equals_one_per_row():
+    """1-Step without dropout encodes each class (and the fake latent) once when the batch has more rows than
+    keys; loss, every gradient and the samples are those of the row-by-row encoder."""
+    model = build_model("transdiff_tiny", img_size=32, class_num=3, attn_dropout=0.0, proj_dropout=0.0,
+                        label_drop_prob=0.3)
+    latents, labels = torch.randn(12, 16, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2, 2, 2, 0, 1, 1, 0])
+    calls = []
+    hook = model.encoder_blocks[0].register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    per_key = _loss_and_grads(model, latents, labels)
+    kw = dict(num_sampling_steps=3, cfg=2.0, noise=torch.randn(12, 4, 16), scale_1=0.0)
+    samples = model.samples(labels, **kw)
+    assert calls == [4, 4]  # 3 classes + the fake latent, in training and for the guided batch of 24
+    model.encoder_dropout = True  # the row-by-row path (the dropout probabilities stay 0)
+    per_row = _loss_and_grads(model, latents, labels)
+    assert calls[2] == 12
+    torch.testing.assert_close(per_key[0], per_row[0], rtol=0, atol=1e-6)
+    assert per_key[1].keys() == per_row[1].keys() and "class_emb.weight" in per_key[1]
+    for name, grad in per_key[1].items():
+        torch.testing.assert_close(grad, per_row[1][name], rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(samples, model.samples(labels, **kw), rtol=0, atol=1e-5)
+    hook.remove()
+
+
+def test_encoder_with_dropout_encodes_every_row():
+    model = build_model("transdiff_tiny", img_size=32, class_num=3)  # released dropout 0.1
+    calls = []
+    model.encoder_blocks[0].register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    model(torch.randn(8, 16, 2, 2), torch.zeros(8, dtype=torch.long)).backward()
+    model.samples(torch.zeros(8, dtype=torch.long), num_sampling_steps=2, cfg=1.0)
+    assert calls == [8, 4]  # training draws dropout per row; sampling (eval) needs one pass per key
+
+
 def test_seeded_sampling_is_reproducible_and_batch_invariant():
     model = tiny(img_size=32)
     labels = torch.tensor([0, 3, 5])

@@ -44,28 +44,32 @@ GRID_NAME, REPORT_NAME = "samples_grid.png", "digits_quality.json"
 # 8 x 8 grey pixels (not 8 x 8 tokens grouped by --patch_size 2: MRAR decodes single latent cells, as released,
 # and 16 tokens keep both modes at the same cost per image). The model is tiny, so that data, training and
 # report together take under 10 minutes on 2 CPU cores (README.md gives the measured figures). A short run wants
-# a high learning rate and no dropout. The decoder is most of a step's cost, and these runs are far from
-# converged: the 1-Step preset spends its budget on more, smaller updates (batch 64, one noise draw per image,
-# 4,600 steps; MRAR: 2,418 steps of 32 rows) rather than on repeated noise draws of the same images (README,
-# "Quality at small scale": 1-Step FD 26.2 -> 12.8, MRAR 32.7 -> 16.9 at >= 95% accuracy). Each preset's cfg
-# is the one with the lowest FD among those whose digits the judge reads >= 95% right (higher cfg: more
-# readable, less diverse digits).
+# a high learning rate and no dropout. These runs are far from converged, so quality follows the number of
+# updates: the presets spend their budget on more, smaller updates (batch 64 and one noise draw per image: 6,440
+# steps; MRAR: 32 rows) and train on one thread, which is as fast as two for a model this small, while a data
+# worker decodes the next batch on the other core (README, "Quality at small scale"). Each preset's cfg is the
+# one with the lowest FD among those whose digits the judge reads >= 95% right (higher cfg: more readable, less
+# diverse digits).
 _COMMON = dict(
     tokenizer="pixel", pixel_patch=8, pixel_channels=1, img_size=32, class_num=10, data_path="data/digits",
     hflip=False, model="transdiff_tiny", diffloss_w=128, diffloss_d=2, buffer_size=16, patch_size=1,
-    attn_dropout=0.0, proj_dropout=0.0, diffusion_batch_mul=2, lr=4e-3, ema_rate=0.995, num_workers=0,
+    attn_dropout=0.0, proj_dropout=0.0, diffusion_batch_mul=2, lr=4e-3, ema_rate=0.995, threads=1, num_workers=1,
     log_freq=100, eval_bsz=500, scale_0=1.0, scale_1=1.0, sampler="maruyama", num_sampling_steps=30,
     report_per_class=100, grid_per_class=10,
 )
 PRESETS = {
     # 3,000 digits in batches of 64: 46 steps per epoch
-    "digits": dict(_COMMON, output_dir="output/digits", batch_size=64, epochs=100, warmup_epochs=1, lr=3e-3,
-                   diffusion_batch_mul=1, ema_rate=0.999, save_last_freq=10, eval_freq=100, cfg=1.75),
+    "digits": dict(_COMMON, output_dir="output/digits", batch_size=64, epochs=140, warmup_epochs=1, lr=3e-3,
+                   diffusion_batch_mul=1, ema_rate=0.999, save_last_freq=10, eval_freq=140, cfg=1.5),
     # rows of four same-class digits (MRAR_INDEX_REPEATS x 750 rows) in batches of 32 rows: 93 steps per epoch
-    "digits_mrar": dict(_COMMON, output_dir="output/digits_mrar", mrar=True, batch_size=32, epochs=26,
+    "digits_mrar": dict(_COMMON, output_dir="output/digits_mrar", mrar=True, batch_size=32, epochs=30,
                         warmup_epochs=0.5, diffusion_batch_mul=1, ema_rate=0.9975, save_last_freq=2,
-                        eval_freq=26, cfg=2.0),
+                        eval_freq=30, cfg=2.5),
 }
+# the paper's MRAR recipe: fine-tune the 1-Step model (its EMA weights) as MRAR
+PRESETS["digits_mrar_ft"] = dict(PRESETS["digits_mrar"], output_dir="output/digits_mrar_ft",
+                                 resume=PRESETS["digits"]["output_dir"], epochs=20, eval_freq=20, ema_rate=0.999,
+                                 cfg=1.5)
 
 
 # ------------------------------------------------------------------ data
@@ -133,6 +137,10 @@ def split_counts(root):
 def prepare_for_preset(args, log=print):
     """Make what a preset run reads: the digits at --data_path when that folder does not exist yet (an
     existing folder is used as it is), and for MRAR an index of same-class fours unless --mrar_index names one."""
+    base = PRESETS[args.preset].get("resume")
+    if base and args.resume == base and not os.path.exists(base):
+        raise RuntimeError(f"it fine-tunes the 1-Step run in {base}, which does not exist: run `python main.py "
+                           "--preset digits` first (or name another run with --resume)")
     if not os.path.exists(args.data_path):
         t0 = time.time()
         prepare(args.data_path)

@@ -60,7 +60,9 @@ def run_preset(name, work, extra):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=list(digits.PRESETS), choices=list(digits.PRESETS))
+    from_scratch = [n for n, preset in digits.PRESETS.items() if not preset.get("resume")]  # the fine-tuning
+    # preset starts from another run: benchmarks/digits_cfg_sweep.py runs it after its base
+    p.add_argument("--presets", nargs="+", default=from_scratch, choices=from_scratch)
     p.add_argument("--reuse", action="append", default=[], metavar="PRESET=RUN_DIR",
                    help="read the report of this finished run instead of running the preset")
     p.add_argument("--work_dir", default=None, help="where fresh runs go (default: a new temporary folder)")
@@ -86,7 +88,7 @@ def main(argv=None):
         results[name] = {**timing, "within_time_limit": None if wall is None else wall < TIME_LIMIT_S,
                          "passed": passed, "run_dir": os.path.abspath(run_dir),
                          **{k: report[k] for k in ("mode", "accuracy", "per_class", "num_images", "judge",
-                                                   "sampling", "training", "generation_seconds")}}
+                                                   "diversity", "sampling", "training", "generation_seconds")}}
         print(f"{name}: accuracy {report['accuracy']} ({'ok' if passed else 'BELOW ' + str(args.min_accuracy)}), "
               f"wall {wall} s", flush=True)
     out = {"min_accuracy": args.min_accuracy, "time_limit_seconds": TIME_LIMIT_S, "passed": ok, "presets": results,

@@ -151,3 +151,18 @@ def test_mrar_preset_builds_its_index_and_reports(digit_root, tmp_path):
     assert all(os.path.isfile(os.path.join(digit_root, "train", cate, f)) for cate, files in rows for f in files)
     report = json.loads((out / digits.REPORT_NAME).read_text())
     assert report["mode"] == "mrar" and len(report["per_class"]) == 10 and (out / digits.GRID_NAME).is_file()
+
+
+def test_mrar_fine_tuning_preset_starts_from_the_1step_run(digit_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the preset's own --resume (output/digits) is relative
+    base, out = tmp_path / "base", tmp_path / "ft"
+    argv = short_run("digits_mrar_ft", digit_root, out)
+    with pytest.raises(SystemExit):  # its 1-Step run is not there yet: say which command makes it
+        main.cli(argv)
+    assert "python main.py --preset digits` first" in capsys.readouterr().err
+    main.cli(short_run("digits", digit_root, base))
+    main.cli([*argv, "--resume", str(base)])
+    log = (out / "log.txt").read_text()
+    assert f"fine-tuning start from the EMA weights (model_ema) of {base}" in log
+    report = json.loads((out / digits.REPORT_NAME).read_text())
+    assert report["mode"] == "mrar" and report["training"]["steps"] == 2  # its own steps, from 0

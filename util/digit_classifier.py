@@ -7,6 +7,7 @@ Real digits reach it by the path the generator's training data takes (resized to
 the data pipeline), generated ones come at that size: both are then brought to the classifier's input
 side the same way, so its accuracy on real digits is the yardstick for its accuracy on generated ones.
 """
+import contextlib
 import os
 
 import numpy as np
@@ -64,11 +65,16 @@ def _shift(x, generator, max_shift=2):
 
 
 def train_digit_classifier(images, labels, epochs, batch_size, lr, seed=0):
-    """Train on (N, C, H, W) images in [-1, 1]; deterministic for a seed."""
+    """Train on (N, C, H, W) images in [-1, 1]; deterministic for a seed, whatever the caller's thread count."""
     g = torch.Generator().manual_seed(seed)
     # dropout draws from the global RNG: leave the caller's stream alone; a caller sampling under no_grad (a
     # report on a fresh data folder) still trains the judge
-    with torch.random.fork_rng(), torch.enable_grad():
+    threads = torch.get_num_threads()
+    # on one thread: CPU sums split by thread round differently, and the judge is the yardstick of every report
+    # on this data folder, whichever run (one thread or two) trains it first
+    torch.set_num_threads(1)
+    with torch.random.fork_rng(), torch.enable_grad(), contextlib.ExitStack() as restore:
+        restore.callback(torch.set_num_threads, threads)
         torch.manual_seed(seed)
         x, y = to_classifier_input(images), labels
         model = DigitClassifier(int(labels.max()) + 1)

@@ -105,7 +105,7 @@ def load_or_train(data_root, img_size, log=print):
     """The judge for digits of `img_size` px: trained on <data_root>/heldout, checked on <data_root>/train (the
     generator's real data), cached as <data_root>/classifier_<img_size>px.pt. Returns (model, summary)."""
     path = os.path.join(data_root, f"classifier_{img_size}px.pt")
-    key = {"img_size": int(img_size), "input_side": INPUT_SIDE, **TRAINING}
+    key = {"img_size": int(img_size), "input_side": INPUT_SIDE, **TRAINING, "threads": 1}  # older judges: retrained
     if os.path.isfile(path):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("key") == key:

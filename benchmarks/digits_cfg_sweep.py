@@ -261,13 +261,12 @@ def collect(seconds):
         folder = run_dir(name)
         trained = digits.read_report(folder)
         points = [summary(digits.read_report(point_dir(folder, c))) for c in cfgs]
-        command = ["python main.py", *flags]
+        command, extra = ["python main.py", *flags], None
         if name == "digits_more":
             command.append(f"--max_train_steps {trained['training']['steps']}")
-        base_steps = trained_steps(run_dir(BASE)) if RUNS[name][3] else 0
+            extra = trained["training"]["steps"] - trained_steps(run_dir(BASE))
         runs[name] = {"what": what, "command": " ".join(command), "mode": trained["mode"],
-                      "training": trained["training"], "extra_steps": trained["training"]["steps"] - base_steps
-                      if name == "digits_more" else None, "starts_from": list(RUNS[name][3])[:1],
+                      "training": trained["training"], "extra_steps": extra, "starts_from": list(RUNS[name][3])[:1],
                       "seconds_here": {k: v for k, v in seconds.items() if k.endswith(f" {name}")},
                       "points": points, "best": best(points)}
         b = runs[name]["best"]

@@ -7,7 +7,6 @@ Real digits reach it by the path the generator's training data takes (resized to
 the data pipeline), generated ones come at that size: both are then brought to the classifier's input
 side the same way, so its accuracy on real digits is the yardstick for its accuracy on generated ones.
 """
-import contextlib
 import os
 
 import numpy as np
@@ -73,21 +72,23 @@ def train_digit_classifier(images, labels, epochs, batch_size, lr, seed=0):
     # on one thread: CPU sums split by thread round differently, and the judge is the yardstick of every report
     # on this data folder, whichever run (one thread or two) trains it first
     torch.set_num_threads(1)
-    with torch.random.fork_rng(), torch.enable_grad(), contextlib.ExitStack() as restore:
-        restore.callback(torch.set_num_threads, threads)
-        torch.manual_seed(seed)
-        x, y = to_classifier_input(images), labels
-        model = DigitClassifier(int(labels.max()) + 1)
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-        for _ in range(epochs):
-            model.train()
-            order = torch.randperm(len(x), generator=g)
-            for i in range(0, len(x), batch_size):
-                idx = order[i:i + batch_size]
-                loss = F.cross_entropy(model(_shift(x[idx], g)), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+    try:
+        with torch.random.fork_rng(), torch.enable_grad():
+            torch.manual_seed(seed)
+            x, y = to_classifier_input(images), labels
+            model = DigitClassifier(int(labels.max()) + 1)
+            opt = torch.optim.Adam(model.parameters(), lr=lr)
+            for _ in range(epochs):
+                model.train()
+                order = torch.randperm(len(x), generator=g)
+                for i in range(0, len(x), batch_size):
+                    idx = order[i:i + batch_size]
+                    loss = F.cross_entropy(model(_shift(x[idx], g)), y[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 

@@ -23,6 +23,7 @@ from models.pretrained import (
     CheckpointError,
     adapt_state_dict,
     check_compatible,
+    check_tokenizer,
     checkpoint_args,
     infer_config,
     mode_from_shapes,
@@ -193,6 +194,8 @@ def build_run(args, dist, tokenizer, writer):
         raise CheckpointError("the processes do not agree on the checkpoint to start from: --output_dir and "
                               "--resume must be on a filesystem that every node sees")
     ckpt = read_checkpoint(start) if start else None
+    if ckpt is not None and getattr(args, "tokenizer_fingerprint", None):
+        check_tokenizer(ckpt, args.tokenizer_fingerprint, start, args.allow_tokenizer_change, log=log.info)
     kw = {**model_kwargs(args), **(condition_count(args, ckpt["model"]) if ckpt else {})}
     model = build_model(args.model, **kw).to(dist.device)
     excluded = set_trainable(model, args)
@@ -440,7 +443,8 @@ def train(args, dist, tokenizer, writer):
     seed_everything(args.seed + dist.rank)  # the model was made alike on every rank; the draws now differ
     restore_rng_states(run)
     if run.state.epoch >= args.epochs:
-        log.info(f"the run already trained {run.state.epoch} of --epochs {args.epochs}: nothing to do")
+        log.info(f"nothing to do: the checkpoint is at epoch {run.state.epoch} (step {run.state.step}), which "
+                 f"--epochs {args.epochs} does not pass; give --epochs above {run.state.epoch} to train on")
     for epoch in range(run.state.epoch, args.epochs):
         if not train_one_epoch(run, epoch):
             break

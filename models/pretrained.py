@@ -19,7 +19,14 @@ import os
 import torch
 import torch.nn.functional as F
 
-from models.tokenizers import TOKENIZER_ARGS, build_tokenizer, tokenizer_geometry, tokenizer_needs_weights
+from models.tokenizers import (
+    RUN_FINGERPRINT_KEYS,
+    TOKENIZER_ARGS,
+    build_tokenizer,
+    fingerprint_mismatch,
+    tokenizer_geometry,
+    tokenizer_needs_weights,
+)
 from models.transdiff import MODEL_SIZES, Transdiff
 from util.checkpoint import LAST, atomic_write
 from util.errors import UserError
@@ -75,12 +82,16 @@ def read_checkpoint(path, step=None, map_location="cpu"):
     if is_export(path):
         return read_export(path)
     file = resolve_checkpoint_path(path, step)
+    if os.path.getsize(file) == 0:
+        raise CheckpointError(f"checkpoint {file} is empty (0 bytes; an interrupted copy or a full disk): copy it "
+                              f"again, or give another checkpoint (a checkpoint-<epoch>.pth of the run, --resume)")
     try:
         # Released checkpoints pickle their argparse.Namespace of arguments; allow exactly that.
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, foreign pickled objects
-        raise CheckpointError(f"cannot read checkpoint {file}: {type(e).__name__}: {str(e).splitlines()[0]} "
+        why = (str(e).strip().splitlines() or ["no message"])[0]
+        raise CheckpointError(f"cannot read checkpoint {file}: {type(e).__name__}: {why} "
                               f"(the file may be truncated by an interrupted download or copy, or not be a "
                               f"TransDiff checkpoint)") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt["model"], dict):
@@ -204,6 +215,21 @@ def pick_weights(ckpt, use_ema=True):
             return ckpt["model_ema"]
         print("note: the checkpoint holds no EMA weights ('model_ema'); using the raw weights")
     return ckpt["model"]
+
+
+def check_tokenizer(ckpt, fingerprint, path, allow_change=False, log=print):
+    """Refuse to continue or fine-tune the run of checkpoint `ckpt` with another tokenizer than it trained with
+    (its latents would mean something else), unless `allow_change`."""
+    recorded = checkpoint_args(ckpt).get("tokenizer_fingerprint")
+    if not recorded:
+        log(f"{path} records no tokenizer fingerprint (an older or released checkpoint): its tokenizer is not checked")
+        return
+    why = fingerprint_mismatch(recorded, fingerprint, RUN_FINGERPRINT_KEYS)
+    if why and not allow_change:
+        raise CheckpointError(f"checkpoint {path} was trained with another tokenizer ({why}): give the --tokenizer "
+                              f"and --vae_path it was trained with, or --allow_tokenizer_change to switch on purpose")
+    if why:
+        log(f"tokenizer changed from the checkpoint's ({why}): --allow_tokenizer_change")
 
 
 def tokenizer_settings(args):

@@ -6,6 +6,7 @@ posterior samples times this), `stride` (pixels per latent cell) and `embed_dim`
 New tokenizers register in TOKENIZERS under the name `--tokenizer` selects, with a `geometry` that gives
 (stride, embed_dim) from the arguments alone, so the model can be sized before any weights are read.
 """
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.vae import AutoencoderKL, DiagonalGaussianDistribution
+from util.checkpoint import file_sha256, save_json
 
 # The latent scale of the KL-16 VAE released with MAR: the only place this number lives.
 KL16_SCALE_FACTOR = 0.2325
@@ -134,6 +136,9 @@ def add_tokenizer_args(add):
     add("--pixel_channels", type=int, default=PIXEL_DEFAULTS["pixel_channels"], choices=[1, 3],
         help="pixel tokenizer: 1 (grey; RGB averaged, decoded grey replicated to RGB) or 3")
     add("--pixel_scale", type=float, default=PIXEL_DEFAULTS["pixel_scale"], help="pixel tokenizer: latent scale")
+    add("--allow_tokenizer_change", action="store_true",
+        help="use a tokenizer other than the one recorded in --cached_path or the checkpoint (a deliberate switch; "
+             "main_cache.py then encodes every image again)")
 
 
 def check_tokenizer_args(args):
@@ -148,6 +153,56 @@ def check_tokenizer_args(args):
     if tokenizer_needs_weights(args.tokenizer) and not os.path.isfile(args.vae_path):
         return f"--vae_path {args.vae_path} is not a file (the KL-16 VAE, kl16.ckpt)"
     return None
+
+
+# ------------------------------------------------------------------ fingerprints
+# What a tokenizer's latents depend on. A latent cache depends on the image size too, a run on the scale too
+# (caches hold unscaled moments; a fine-tuning start may change the image size).
+FINGERPRINT_NAME = "tokenizer.json"
+CACHE_FINGERPRINT_KEYS = ("tokenizer", "weights_sha256", "embed_dim", "stride", "img_size")
+RUN_FINGERPRINT_KEYS = ("tokenizer", "weights_sha256", "embed_dim", "stride", "scale_factor")
+_hashes = {}  # (path, size, mtime): sha256, so that a process hashes a weights file once
+
+
+def _weights_sha256(path):
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _hashes:
+        _hashes[key] = file_sha256(path)
+    return _hashes[key]
+
+
+def tokenizer_fingerprint(args):
+    """The tokenizer of `args` as recorded in a latent cache and a run's args: its weights' sha256, latent
+    channels, stride, scale and the image size."""
+    name = getattr(args, "tokenizer", "kl16")
+    stride, embed_dim = tokenizer_geometry(args)
+    scale = KL16_SCALE_FACTOR if name == "kl16" else _pixel_settings(args)["pixel_scale"]
+    return {"tokenizer": name, "weights_sha256": _weights_sha256(args.vae_path) if tokenizer_needs_weights(name)
+            else None, "embed_dim": embed_dim, "stride": stride, "scale_factor": scale, "img_size": args.img_size}
+
+
+def fingerprint_mismatch(recorded, current, keys):
+    """None when the fingerprints agree on `keys`, else what differs ("img_size 64, here 128; ...")."""
+    def short(v):
+        return v[:12] if isinstance(v, str) and len(v) == 64 else v  # a sha256: its first 12 digits
+
+    diff = [f"{k} {short(recorded.get(k))}, here {short(current.get(k))}" for k in keys
+            if recorded.get(k) != current.get(k)]
+    return "; ".join(diff) or None
+
+
+def read_fingerprint(folder):
+    """The fingerprint that main_cache.py recorded in `folder`, or None."""
+    try:
+        with open(os.path.join(folder, FINGERPRINT_NAME)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_fingerprint(folder, fingerprint):
+    save_json(os.path.join(folder, FINGERPRINT_NAME), fingerprint)
 
 
 def latents_from_moments(moments, scale_factor):

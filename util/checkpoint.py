@@ -8,14 +8,19 @@ checkpoint-last.pth; numbered checkpoints are never deleted. A run killed during
 file behind: the next run in that folder removes it (`remove_stale_temp_files`).
 """
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import random
 import re
+import shutil
 import tempfile
 
 import numpy as np
 import torch
+
+from util.errors import UserError
 
 LAST = "checkpoint-last.pth"
 
@@ -36,20 +41,70 @@ def _umask():
     return mask
 
 
-def atomic_write(path, write):
+class DiskFullError(UserError, OSError):
+    """A write that found no space (or quota) left; the file it would have replaced is untouched."""
+
+
+def _size(nbytes):
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:.2f} GiB"
+
+
+def atomic_write(path, write, size_hint=None):
     """Call write(tmp_path), then rename onto `path`; the temporary file is removed on failure. The file gets
-    the permissions of the user's umask, as any other tool's output (mkstemp would leave it 0600)."""
+    the permissions of the user's umask, as any other tool's output (mkstemp would leave it 0600). A full disk
+    raises DiskFullError naming the folder, the space free and (with `size_hint`, bytes) the space needed."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        _raise_if_disk_full(e, path, size_hint)
+        raise
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        _raise_if_disk_full(e, path, size_hint)
         raise
+
+
+def _raise_if_disk_full(error, path, size_hint):
+    if isinstance(error, DiskFullError) or not isinstance(error, (OSError, RuntimeError)):
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    # torch's zip writer fails with a RuntimeError ("file write failed") that does not say why: the space
+    # left tells
+    full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+        (size_hint is not None and free < size_hint)
+    if not full:
+        return
+    need = f"it needs about {_size(size_hint)}, " if size_hint else ""
+    raise DiskFullError(f"no space left in {folder} to write {os.path.basename(path)}: {need}{_size(free)} "
+                        f"free; free some space there or give a folder on another disk (--output_dir); the files "
+                        f"already in {folder} are untouched") from None
+
+
+def payload_bytes(obj):
+    """Bytes of the tensors in a (nested) checkpoint payload: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    return 0
+
+
+def file_sha256(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def remove_stale_temp_files(folder):
@@ -63,7 +118,7 @@ def remove_stale_temp_files(folder):
 
 
 def save_checkpoint(path, payload):
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), size_hint=payload_bytes(payload))
 
 
 def write_bytes(path, data):

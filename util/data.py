@@ -71,6 +71,25 @@ def find_classes(root, class_num=None):
     return classes
 
 
+def note_class_count(classes, class_num, root):
+    """Fewer class folders than --class_num is legitimate (a checkpoint's label space, a subset of its classes)
+    but the classes past the folders get no training samples: said once in the log."""
+    if class_num is not None and len(classes) < class_num:
+        log.info(f"{root} holds {len(classes)} class folders, --class_num is {class_num}: classes "
+                 f"{len(classes)}..{class_num - 1} get no training samples (pass --class_num {len(classes)} "
+                 f"unless the model must keep {class_num} classes)")
+
+
+def check_no_empty_class(items, classes, root, what):
+    """Refuse a class folder that holds no sample: its class would train on nothing, silently."""
+    counts = np.bincount([label for _, label in items], minlength=len(classes))
+    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DataError(f"{len(empty)} of the {len(classes)} class folders under {root} hold no {what}, the first "
+                        f"{os.path.join(root, empty[0])}: add its files (or rerun main_cache.py), or remove the "
+                        f"empty folders (class ids are positions in the sorted folder list)")
+
+
 def scan_folder(root, classes, extensions):
     """[(path, class id)] of the files under each class folder, in a fixed (sorted) order."""
     items = []
@@ -226,6 +245,8 @@ def image_folder(data_path, img_size, class_num=None, seed=0, hflip=True):
     root = resolve_train_dir(data_path)
     classes = find_classes(root, class_num)
     items = scan_folder(root, classes, IMG_EXTENSIONS)
+    check_no_empty_class(items, classes, root, "images")
+    note_class_count(classes, class_num, root)
     read = partial(read_image, size=img_size, hflip=hflip)
     return TrainSamples(items, read, seed, f"images under {root}"), classes
 
@@ -233,6 +254,8 @@ def image_folder(data_path, img_size, class_num=None, seed=0, hflip=True):
 def cached_folder(cached_path, class_num=None, seed=0, hflip=True):
     classes = find_classes(cached_path, class_num)
     items = scan_folder(cached_path, classes, (".npz",))
+    check_no_empty_class(items, classes, cached_path, "cached latents (.npz)")
+    note_class_count(classes, class_num, cached_path)
     read = partial(read_moments, hflip=hflip)
     return TrainSamples(items, read, seed, f"cached latents (.npz) under {cached_path}"), classes
 
@@ -247,8 +270,40 @@ def mrar_dataset(index_file, root, class_num=None, seed=0, img_size=None, cached
             raise DataError(f"MRAR index {index_file}, row {n}: class {cate} is not a folder of {root}: pass the "
                             f"--data_path (or --cached_path) the index was built for, or another --mrar_index")
         items.append(([os.path.join(root, cate, f + (".npz" if cached else "")) for f in files], class_id[cate]))
+    check_index_files(index_file, items, root)
+    note_class_count(classes, class_num, root)
     read = partial(read_moments, hflip=hflip) if cached else partial(read_image, size=img_size, hflip=hflip)
     return TrainSamples(items, read, seed, f"MRAR rows of {index_file}"), classes
+
+
+def check_index_files(index_file, items, root):
+    """Refuse an index naming files that are not there, before training: else every rank fails mid-epoch. One
+    listing per class folder, not one stat per file (ImageNet: 1000 listings instead of 1.28 M stats)."""
+    listed, missing, total = {}, [], 0
+    for paths, _ in items:
+        for path in paths:
+            total += 1
+            folder, name = os.path.split(path)
+            if folder not in listed:
+                listed[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+            if name not in listed[folder] and not os.path.isfile(path):
+                missing.append(path)
+    if missing:
+        raise DataError(f"MRAR index {index_file}: {len(missing)} of the {total} files it names are missing under "
+                        f"{root}, the first {missing[0]}: pass the --data_path (or --cached_path) it was built for, "
+                        f"cache the missing latents (main_cache.py), or rebuild it (tools/build_mrar_index.py)")
+
+
+def default_num_workers(released=10):
+    """(loader workers per process, note or None): the released 10, capped to this node's CPU cores shared by
+    its processes (torchrun's LOCAL_WORLD_SIZE), which the DataLoader would otherwise warn about on every rank."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    n = min(released, cores // local)
+    if n == released:
+        return n, None
+    return n, (f"--num_workers {n} per process: the default {released} capped to the {cores} CPU cores shared by "
+               f"{local} process(es) on this node (give --num_workers to choose)")
 
 
 class ResumableDistributedSampler(DistributedSampler):

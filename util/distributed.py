@@ -132,6 +132,35 @@ def run_on_rank0(fn, device):
         raise RuntimeError("rank 0 stopped; see its error")
 
 
+ERROR_KEY = "transdiff/rank0_reported_error"
+
+
+def _store():
+    try:  # the rendezvous store of the process group: reachable even while rank 0 waits in a collective
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def announce_error():
+    """Rank 0 tells the other ranks that it has reported an error (see `error_announced`)."""
+    store = _store() if is_initialized() else None
+    if store is not None:
+        store.set(ERROR_KEY, "1")
+
+
+def error_announced(timeout_s):
+    """Whether rank 0 reports an error within `timeout_s`; False outside a process group."""
+    store = _store() if is_initialized() else None
+    if store is None:
+        return False
+    try:
+        store.wait([ERROR_KEY], datetime.timedelta(seconds=timeout_s))
+        return True
+    except (RuntimeError, dist.DistStoreError):
+        return False
+
+
 def cleanup():
     if is_initialized():
         dist.destroy_process_group()

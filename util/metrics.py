@@ -25,7 +25,6 @@ No device is hard-coded here: pass ``device``. The statistics are computed in fl
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import pickle
@@ -48,7 +47,7 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 from torch_fidelity.utils import glob_samples_paths
 from tqdm import tqdm
 
-from util.checkpoint import atomic_write
+from util.checkpoint import atomic_write, file_sha256
 from util.data import center_crop_arr
 
 __all__ = [
@@ -124,14 +123,6 @@ def inception_weights_have_logits(weights_path: str | os.PathLike | None = None)
     if not isinstance(state, Mapping):
         raise RuntimeError(f"Inception weights {path!r} hold a {type(state).__name__}, not a state dict.")
     return all(k in state and bool(torch.isfinite(state[k]).all()) for k in LOGITS_HEAD_KEYS)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_inception_weights_path() -> str:

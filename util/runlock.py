@@ -18,6 +18,18 @@ from util.errors import UserError
 LOCK_NAME = ".transdiff.lock"
 
 
+class FolderInUse(UserError):
+    logs_to_run_folder = False  # the log.txt there is the other run's
+
+
+def held_by_another(folder):
+    """Whether another process, live or on another host, holds the lock of `folder`."""
+    owner = _read(os.path.join(folder, LOCK_NAME)) or {}
+    if owner.get("host") not in (None, socket.gethostname()):
+        return True
+    return isinstance(owner.get("pid"), int) and owner["pid"] != os.getpid() and _alive(owner["pid"])
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)  # signal 0: existence check only
@@ -52,13 +64,15 @@ def acquire(folder, what="run", log=print):
             return None  # this process holds it already (or had its pid before a restart): nothing to release
         what = owner.get("what", "run")
         if owner.get("host") not in (None, me["host"]):
-            raise UserError(f"{folder} is in use by a {what} of pid {owner.get('pid')} on host {owner['host']} "
-                             f"(since {owner.get('since')}): wait for it or use another folder (--output_dir); if "
-                             f"that run is gone, delete {path}")
+            raise FolderInUse(f"{folder} is in use by a {what} of pid {owner.get('pid')} on host {owner['host']} "
+                              f"(since {owner.get('since')}), which cannot be checked from host {me['host']}: "
+                              f"wait for it or use another folder (--output_dir); if no run lives there any "
+                              f"more, delete {path} to take the folder over")
         if isinstance(owner.get("pid"), int) and _alive(owner["pid"]):
-            raise UserError(f"{folder} is in use by a live {what} (pid {owner['pid']} on this host, since "
-                             f"{owner.get('since')}): wait for it to end, stop it, or use another folder "
-                             f"(--output_dir)")
+            raise FolderInUse(f"{folder} is in use by a live {what} (pid {owner['pid']} on this host, since "
+                              f"{owner.get('since')}): wait for it to end, stop it, or use another folder "
+                              f"(--output_dir); if pid {owner['pid']} is not that {what} (its pid was reused "
+                              f"after it died), delete {path} to take the folder over")
         log(f"taking over the stale lock of {folder} (its {what}, pid {owner.get('pid')}, is gone)")
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
@@ -98,8 +112,8 @@ def hold_folder(folder, what, temp_folders=None):
                              f"{', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''}")
         except (UserError, OSError) as e:
             release(lock)
-            error = str(e)
-    error = broadcast_object(error)
+            error = (FolderInUse if isinstance(e, FolderInUse) else UserError, str(e))
+    error = broadcast_object(error)  # (type, message): the same exception on every rank
     if error:
-        raise UserError(error) if "in use by" in error else UserError(error)
+        raise error[0](error[1])
     return lock, notes

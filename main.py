@@ -34,7 +34,15 @@ from models.transdiff import MODEL_SIZES, build_model
 from util import data, runlock
 from util.checkpoint import LAST, save_json, seed_everything
 from util.distributed import barrier, cleanup, init_distributed
-from util.errors import LOG_NAME, OneLineParser, UserError, exit_on_user_error, report_once
+from util.errors import (
+    LOG_NAME,
+    USER_ERROR_EXIT,
+    OneLineParser,
+    UserError,
+    another_rank_reported,
+    exit_on_user_error,
+    report_once,
+)
 from util.evaluation import SamplingSettings, parse_cfg, resolve_fid_reference
 from util.logger import setup_logger, tensorboard_writer
 
@@ -276,6 +284,10 @@ def main(args):
         raise
     except engine.NonFiniteLossError as err:
         print(f"error{f' (rank {dist.rank})' if dist.rank else ''}: {err}", file=sys.stderr, flush=True)
+        raise
+    except RuntimeError:
+        if another_rank_reported():  # this rank's collective failed because the rank that reported stopped
+            sys.exit(USER_ERROR_EXIT)
         raise
     finally:
         if writer:

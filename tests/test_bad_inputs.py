@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import write_image_folder, write_vae_checkpoint
+from helpers import REPO, write_image_folder, write_vae_checkpoint
 
 import main
 import main_cache
@@ -243,7 +243,7 @@ def test_full_disk_while_saving(env, trained, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch, "save", no_space)
     line = refused(tiny(env, run, "--epochs", "2", "--max_train_steps", "4"), capsys, code=1)
     need = checkpoint.payload_bytes(torch.load(run / LAST, weights_only=False))
-    assert f"no space left in {run} to write {LAST}: it needs about {need / 2**20:.1f} MiB" in line
+    assert f"no space left in {run} to write {LAST} (it needs about {need / 2**20:.1f} MiB)" in line
     assert "--output_dir" in line and log_lines(run, "no space left in")
     assert (run / LAST).read_bytes() == last and not list(run.glob(".*.tmp"))  # nothing lost, nothing left over
 
@@ -256,7 +256,7 @@ def test_torch_writer_failure_on_a_full_disk(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failed)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=2**30, used=2**30, free=1000))
-    with pytest.raises(DiskFullError, match=r"needs about 4\.0 MiB, 0\.0 MiB free"):
+    with pytest.raises(DiskFullError, match=r"c\.pth \(it needs about 4\.0 MiB\)"):
         save_checkpoint(tmp_path / "c.pth", {"x": torch.zeros(2**20)})
     monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=2**40, used=0, free=2**40))
     with pytest.raises(RuntimeError, match="file write failed"):  # not a full disk: torch's own error
@@ -281,3 +281,24 @@ def test_lock_refusals_say_how_to_take_over(env, tmp_path, capsys):
     assert "on host node-7" in line and f"from host {socket.gethostname()}" in line and f"delete {lock}" in line
     assert not (out / "log.txt").exists()  # the folder is the other run's
 
+
+
+def _can_mount_tmpfs():
+    return shutil.which("unshare") and subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a user namespace to mount a small tmpfs")
+def test_real_full_disk(env, tmp_path):
+    """A 7 MiB tmpfs holds one checkpoint (4.6 MiB) but not its replacement beside it: the second save fails."""
+    disk, out = tmp_path / "disk", tmp_path / "disk" / "run"
+    disk.mkdir()
+    command = " ".join([sys.executable, "main.py", *tiny(env, out, "--save_every_steps", 1)])
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=7m tmpfs {disk} && {command}; "
+                        f"echo rc=$?; cat {out}/log.txt"], capture_output=True, text=True, timeout=300,
+                       cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    ours = [line[line.index("main.py: error:"):] for line in r.stderr.splitlines() if "main.py: error:" in line]
+    assert "rc=1" in r.stdout and len(ours) == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert f"no space left in {out} to write {LAST} (it needs about" in ours[0]
+    assert "saved checkpoint-last.pth (epoch 0, step 1)" in r.stdout and ours[0] in r.stdout  # in log.txt

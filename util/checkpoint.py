@@ -82,10 +82,10 @@ def _raise_if_disk_full(error, path, size_hint):
         (size_hint is not None and free < size_hint)
     if not full:
         return
-    need = f"it needs about {_size(size_hint)}, " if size_hint else ""
-    raise DiskFullError(f"no space left in {folder} to write {os.path.basename(path)}: {need}{_size(free)} "
-                        f"free; free some space there or give a folder on another disk (--output_dir); the files "
-                        f"already in {folder} are untouched") from None
+    need = f" (it needs about {_size(size_hint)})" if size_hint else ""
+    raise DiskFullError(f"no space left in {folder} to write {os.path.basename(path)}{need}: free some space there "
+                        f"or give a folder on another disk (--output_dir); the files already in {folder} are "
+                        f"untouched") from None
 
 
 def payload_bytes(obj):

@@ -132,32 +132,34 @@ def run_on_rank0(fn, device):
         raise RuntimeError("rank 0 stopped; see its error")
 
 
-ERROR_KEY = "transdiff/rank0_reported_error"
+ERROR_KEY = "transdiff/error_reported"
 
 
 def _store():
     try:  # the rendezvous store of the process group: reachable even while rank 0 waits in a collective
-        return dist.distributed_c10d._get_default_store()
+        return dist.distributed_c10d._get_default_store() if is_initialized() else None
     except (AttributeError, RuntimeError, ValueError):
         return None
 
 
 def announce_error():
-    """Rank 0 tells the other ranks that it has reported an error (see `error_announced`)."""
-    store = _store() if is_initialized() else None
+    """Tell the other ranks that this one has reported an error (see `error_announced`)."""
+    store = _store()
     if store is not None:
-        store.set(ERROR_KEY, "1")
+        store.set(ERROR_KEY, str(rank()))
 
 
-def error_announced(timeout_s):
-    """Whether rank 0 reports an error within `timeout_s`; False outside a process group."""
-    store = _store() if is_initialized() else None
+def error_announced(timeout_s=0):
+    """Whether a rank reports an error within `timeout_s` (0: has reported one); False outside a process group."""
+    store = _store()
     if store is None:
         return False
     try:
+        if not timeout_s:
+            return store.check([ERROR_KEY])
         store.wait([ERROR_KEY], datetime.timedelta(seconds=timeout_s))
         return True
-    except (RuntimeError, dist.DistStoreError):
+    except RuntimeError:  # DistStoreError on a timeout, or the store is gone
         return False
 
 

@@ -70,6 +70,15 @@ def report_once(prog, err, log_file=None):
         distributed.announce_error()
     elif not distributed.error_announced(RANK0_REPORT_WAIT_S):
         report(prog, err, log_file, rank=_rank())
+        distributed.announce_error()
+
+
+def another_rank_reported():
+    """Whether a rank has reported an error: a collective that then fails on this rank (its peer has gone) is
+    a consequence, not a second error to show."""
+    from util import distributed
+
+    return distributed.error_announced()
 
 
 @contextlib.contextmanager

@@ -19,17 +19,9 @@ import torch
 
 import digits_preset as digits
 import engine_transdiff as engine
+from models import tokenizers
 from models.pretrained import CheckpointError, resolve_checkpoint_path
-from models.tokenizers import (
-    CACHE_FINGERPRINT_KEYS,
-    FINGERPRINT_NAME,
-    add_tokenizer_args,
-    build_tokenizer,
-    check_tokenizer_args,
-    fingerprint_mismatch,
-    read_fingerprint,
-    tokenizer_fingerprint,
-)
+from models.tokenizers import add_tokenizer_args, build_tokenizer, check_tokenizer_args
 from models.transdiff import MODEL_SIZES, build_model
 from util import data, runlock
 from util.checkpoint import LAST, save_json, seed_everything
@@ -198,7 +190,7 @@ def check_args(parser, args):
              "--evaluate needs a checkpoint: --resume FILE_OR_DIR, or an --output_dir holding checkpoint-last.pth")
     else:
         need(args.use_cached or args.cached_path is None, "--cached_path is only read with --use_cached")
-        args.tokenizer_fingerprint = tokenizer_fingerprint(args)  # recorded in args.json and the checkpoints
+        args.tokenizer_fingerprint = tokenizers.tokenizer_fingerprint(args)  # recorded in args.json and the checkpoints
         if args.use_cached:
             need(args.cached_path is not None, "--use_cached needs --cached_path (made by main_cache.py)")
             need(os.path.isdir(args.cached_path), f"--cached_path {args.cached_path} is not a folder")
@@ -237,12 +229,11 @@ def check_args(parser, args):
 
 def check_cache_tokenizer(args):
     """Why the latents of --cached_path cannot train with this tokenizer, or None."""
-    recorded = read_fingerprint(args.cached_path)
+    recorded, why = tokenizers.cache_tokenizer_change(args.cached_path, args.tokenizer_fingerprint)
     if recorded is None:
-        STARTUP_NOTES.append(f"{args.cached_path} records no tokenizer ({FINGERPRINT_NAME}: made by an older "
-                             f"main_cache.py): only the shape of its latents is checked")
+        STARTUP_NOTES.append(f"{args.cached_path} records no tokenizer ({tokenizers.FINGERPRINT_NAME}: made by an "
+                             f"older main_cache.py): only the shape of its latents is checked")
         return None
-    why = fingerprint_mismatch(recorded, args.tokenizer_fingerprint, CACHE_FINGERPRINT_KEYS)
     if why and args.allow_tokenizer_change:
         STARTUP_NOTES.append(f"training on latents of another tokenizer ({why}): --allow_tokenizer_change")
         return None

@@ -14,18 +14,8 @@ import os
 import torch
 
 import engine_transdiff as engine
-from models.tokenizers import (
-    CACHE_FINGERPRINT_KEYS,
-    FINGERPRINT_NAME,
-    add_tokenizer_args,
-    build_tokenizer,
-    check_tokenizer_args,
-    fingerprint_mismatch,
-    read_fingerprint,
-    tokenizer_fingerprint,
-    tokenizer_geometry,
-    write_fingerprint,
-)
+from models import tokenizers
+from models.tokenizers import FINGERPRINT_NAME, add_tokenizer_args, build_tokenizer, check_tokenizer_args
 from util import data, runlock
 from util.distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from util.errors import OneLineParser, exit_on_user_error
@@ -57,7 +47,7 @@ def check_args(parser, args):
     why = check_tokenizer_args(args)
     if why:
         parser.error(why)
-    stride, _ = tokenizer_geometry(args)
+    stride, _ = tokenizers.tokenizer_geometry(args)
     if args.img_size % stride:
         parser.error(f"--img_size {args.img_size} is not a multiple of the tokenizer stride {stride} (--tokenizer "
                      f"{args.tokenizer}" + (", --pixel_patch)" if args.tokenizer == "pixel" else ")"))
@@ -65,9 +55,8 @@ def check_args(parser, args):
         parser.error(f"--data_path {args.data_path} is not a folder")
     if os.path.exists(args.cached_path) and not os.path.isdir(args.cached_path):
         parser.error(f"--cached_path {args.cached_path} is a file, not a folder")
-    args.fingerprint = tokenizer_fingerprint(args)
-    args.recorded = read_fingerprint(args.cached_path)
-    args.change = args.recorded and fingerprint_mismatch(args.recorded, args.fingerprint, CACHE_FINGERPRINT_KEYS)
+    args.fingerprint = tokenizers.tokenizer_fingerprint(args)
+    args.recorded, args.change = tokenizers.cache_tokenizer_change(args.cached_path, args.fingerprint)
     if args.change and not args.allow_tokenizer_change:
         parser.error(f"{args.cached_path} holds latents of another tokenizer ({args.change}): give the --tokenizer, "
                      f"--vae_path and --img_size it was made with, another --cached_path, or "
@@ -97,7 +86,7 @@ def main(args):
             if args.recorded is None and len(todo) < len(mine):
                 log.info(f"{args.cached_path} records no tokenizer ({FINGERPRINT_NAME}: an older main_cache.py): "
                          f"its latents are kept and it is recorded as made with this one")
-            write_fingerprint(args.cached_path, args.fingerprint)
+            tokenizers.write_fingerprint(args.cached_path, args.fingerprint)
         for folder in sorted({os.path.dirname(outs[i]) for i in todo}):
             os.makedirs(folder, exist_ok=True)
         log.info(f"{len(items)} images under {root} -> {args.cached_path} at {args.img_size} px, --tokenizer "
@@ -114,7 +103,7 @@ def main(args):
         log.info(f"done: {written} written, {present} already cached, {unreadable} unreadable images skipped")
         barrier()
         if args.change and dist.is_main:
-            write_fingerprint(args.cached_path, args.fingerprint)
+            tokenizers.write_fingerprint(args.cached_path, args.fingerprint)
     finally:
         runlock.release(lock)
         cleanup()

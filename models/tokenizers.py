@@ -201,6 +201,12 @@ def read_fingerprint(folder):
         return None
 
 
+def cache_tokenizer_change(folder, fingerprint):
+    """(the fingerprint recorded in latent cache `folder` or None, what differs from `fingerprint` or None)."""
+    recorded = read_fingerprint(folder)
+    return recorded, recorded and fingerprint_mismatch(recorded, fingerprint, CACHE_FINGERPRINT_KEYS)
+
+
 def write_fingerprint(folder, fingerprint):
     save_json(os.path.join(folder, FINGERPRINT_NAME), fingerprint)
 

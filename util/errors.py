@@ -51,7 +51,10 @@ def report(prog, message, log_file=None, rank=None):
     if rank is None and _rank() != 0:
         return
     line = f"{prog}: error: {f'rank {rank}: ' if rank else ''}{one_line(message)}"
-    print(line, file=sys.stderr, flush=True)
+    from tqdm import tqdm  # its write puts the line under a progress bar, not at its end
+
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
     append_to_log(log_file, line)
 
 

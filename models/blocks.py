@@ -141,7 +141,7 @@ class EncoderBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
 
     def forward(self, x, attn_mask=None):
-        if fused.applies(self):  # dispatched here, so that torch.compile of the block covers both paths
+        if fused.applies(self, x):  # dispatched here, so that torch.compile of the block covers both paths
             return fused.encoder_block(self, x, attn_mask)
         x = x + self.attn(self.norm1(x), attn_mask)
         return x + mlp_forward(self.mlp, self.norm2(x))

@@ -30,15 +30,16 @@ import contextlib
 import json
 import os
 import sys
+import time
 import weakref
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 from torch._C._profiler import _EventType  # noqa: E402
-from torch.optim import adam  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.optim import adam  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -51,9 +52,7 @@ from util.optim import EMA, build_adamw  # noqa: E402
 GIB = 2 ** 30
 # bf16 dense peaks (TFLOP/s, no sparsity) from the vendors' data sheets: the limit speed figures are held against
 PEAK_TFLOPS = {"A100": 312.0, "H100 SXM": 989.0, "H200": 989.0}
-# the published per-GPU batches (README "Published commands": 32 per GPU, diffusion_batch_mul 4), evaluation 256
-PUBLISHED = {"transdiff_base": 32, "transdiff_large": 32, "transdiff_huge": 32}
-TABLE_RESOLUTIONS, TABLE_DTYPES = (256, 512), ("bf16", "fp16", "fp32")
+TABLE_DTYPES = ("bf16", "fp16", "fp32")
 CUDA_TARGET_DEFAULT = "cuda"
 
 
@@ -127,11 +126,6 @@ def target_paths(target):
         fused.DEVICES.update(saved[2])
 
 
-def model_config(args):
-    return dict(img_size=args.img_size, class_num=args.class_num, diffusion_batch_mul=args.batch_mul,
-                grad_checkpointing=args.grad_checkpointing, mrar=args.mrar, **args.overrides)
-
-
 @contextlib.contextmanager
 def fake_mode():
     """FakeTensorMode, with what reads values off: the model's label check and AdamW's step count (.item())."""
@@ -164,11 +158,17 @@ def training_step(model, ema, optimizer, latents, labels, dtype, grad_clip=3.0):
     return loss
 
 
-def build_training(name, config, trainable_only=True):
-    model = build_model(name, **config).train()
-    if not model.mrar:  # frozen in 1-Step, as engine_transdiff.set_trainable does
-        model.z_proj.requires_grad_(False)
-    return model, EMA(model, 0.9999), build_adamw(model, 1e-4, 0.02)
+def build_training(name, config):
+    """Model, EMA and AdamW with what engine_transdiff.set_trainable freezes frozen (`only_train_diff`: the
+    encoder side, which then has neither gradients nor optimizer state)."""
+    only_diff = config.get("only_train_diff", False)
+    model = build_model(name, **{k: v for k, v in config.items() if k != "only_train_diff"}).train()
+    excluded = set()
+    for n, p in model.named_parameters():
+        if (only_diff and not n.startswith("diffdecoder.")) or (n.startswith("z_proj.") and not model.mrar):
+            p.requires_grad_(False)
+            excluded.update([n] if only_diff and not n.startswith("z_proj.") else [])
+    return model, EMA(model, 0.9999), build_adamw(model, 1e-4, 0.02, excluded)
 
 
 def _optimizer_as_on(optimizer, target):
@@ -292,31 +292,43 @@ def measure_sampling_cpu(name, batch, steps=2, dtype=None, cfg=1.5, **config):
 
 
 # ------------------------------------------------------------------ the command line
-def table(resolutions=TABLE_RESOLUTIONS, dtypes=TABLE_DTYPES, sampling_batch=256, steps=100):
+# (name, per-GPU batch, training config, dtypes) of the published commands (README "Training"); 1-Step at 256 px
+# in every precision (fp16 is the default on CUDA, --bf16 the other), MRAR and 512 px as published (bf16)
+PUBLISHED_RUNS = [
+    *((name, 32, dict(img_size=256, diffusion_batch_mul=4), TABLE_DTYPES)
+      for name in ("transdiff_base", "transdiff_large", "transdiff_huge")),
+    ("transdiff_large", 16, dict(img_size=256, diffusion_batch_mul=2, mrar=True), ("bf16",)),
+    ("transdiff_large", 16, dict(img_size=512, diffusion_batch_mul=4, only_train_diff=True), ("bf16",)),
+]
+
+
+def table(runs=PUBLISHED_RUNS, sampling_batch=256, steps=100):
     rows = []
-    for name, batch in PUBLISHED.items():
-        for res in resolutions:
-            for dtype in dtypes:
-                for ckpt in (False, True):
-                    cfg = dict(img_size=res, diffusion_batch_mul=4, grad_checkpointing=ckpt)
-                    r = predict_training(name, batch, DTYPES[dtype], **cfg)
-                    rows.append({"what": "train", "model": name, "img_size": res, "dtype": dtype, "batch": batch,
-                                 "batch_mul": 4, "grad_checkpointing": ckpt, "peak_gib": r["peak_bytes"] / GIB,
-                                 "saved_activation_gib": r["saved_activation_bytes"] / GIB,
-                                 "steady_state_gib": r["steady_state_bytes"] / GIB})
-                    print(json.dumps(rows[-1]), flush=True)
-            for dtype in ("bf16",):
-                r = predict_sampling(name, sampling_batch, dtype=DTYPES[dtype], img_size=res)
-                rows.append({"what": "sample_cfg", "model": name, "img_size": res, "dtype": dtype,
-                             "batch": sampling_batch, "peak_gib": r["peak_bytes"] / GIB})
-                print(json.dumps(rows[-1]), flush=True)
-            train_f = training_flops_per_image(name, img_size=res, diffusion_batch_mul=4)
-            sample_f = sampling_flops_per_image(name, steps, img_size=res)
-            rows.append({"what": "flops_per_image", "model": name, "img_size": res, "train_tflop": train_f / 1e12,
-                         "sample_tflop": sample_f / 1e12, "sampling_steps": steps,
-                         "ideal_train_images_per_s": {g: 1 / s for g, s in ideal_seconds(train_f).items()},
-                         "ideal_sample_ms_per_image": {g: 1e3 * s for g, s in ideal_seconds(sample_f).items()}})
-            print(json.dumps(rows[-1]), flush=True)
+
+    def add(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for name, batch, config, dtypes in runs:
+        what = {"model": name, "batch": batch, **config}
+        for dtype in dtypes:
+            for ckpt in (False, True):
+                t0 = time.time()
+                r = predict_training(name, batch, DTYPES[dtype], grad_checkpointing=ckpt, **config)
+                add({"what": "train", **what, "dtype": dtype, "grad_checkpointing": ckpt,
+                     **{k.replace("_bytes", "_gib"): v / GIB for k, v in r.items()}, "trace_s": time.time() - t0})
+        if config.get("only_train_diff"):
+            continue
+        sample_config = {k: v for k, v in config.items() if k in ("img_size", "mrar")}
+        r = predict_sampling(name, sampling_batch, dtype=torch.bfloat16, **sample_config)
+        add({"what": "sample_cfg", "model": name, "batch": sampling_batch, "dtype": "bf16", **sample_config,
+             **{k.replace("_bytes", "_gib"): v / GIB for k, v in r.items()}})
+        train_f = training_flops_per_image(name, **{k: v for k, v in config.items() if k != "only_train_diff"})
+        sample_f = sampling_flops_per_image(name, steps, **sample_config)
+        add({"what": "flops_per_image", **what, "train_tflop": train_f / 1e12, "sample_tflop": sample_f / 1e12,
+             "sampling_steps": steps,
+             "ideal_train_images_per_s": {g: 1 / s for g, s in ideal_seconds(train_f).items()},
+             "ideal_sample_ms_per_image": {g: 1e3 * s for g, s in ideal_seconds(sample_f).items()}})
     return rows
 
 

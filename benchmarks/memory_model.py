@@ -332,6 +332,30 @@ def table(runs=PUBLISHED_RUNS, sampling_batch=256, steps=100):
     return rows
 
 
+# a small model whose real CPU runs the predictions are checked against (tests/test_memory_model.py, --validate)
+VALIDATION = dict(img_size=64, class_num=10, encoder_embed_dim=128, encoder_depth=1, encoder_num_heads=4,
+                  decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, buffer_size=16, diffusion_batch_mul=2)
+
+
+def validate(batch=8):
+    """Predicted (CPU paths) against measured (CPU allocator) peaks of the VALIDATION model."""
+    rows = []
+    for what, ckpt, dtype in (("train", False, "fp32"), ("train", True, "fp32"), ("train", False, "bf16"),
+                              ("sample_cfg", False, "fp32")):
+        config = dict(VALIDATION, grad_checkpointing=ckpt)
+        if what == "train":
+            predicted = predict_training("transdiff_tiny", batch, DTYPES[dtype], "cpu", **config)["peak_bytes"]
+            measured = measure_training_cpu("transdiff_tiny", batch, DTYPES[dtype], **config)
+        else:
+            predicted = predict_sampling("transdiff_tiny", batch, target="cpu", **config)["peak_bytes"]
+            measured = measure_sampling_cpu("transdiff_tiny", batch, **config)
+        rows.append({"what": what, "dtype": dtype, "grad_checkpointing": ckpt, "batch": batch,
+                     "predicted_mib": predicted / 2 ** 20, "measured_mib": measured / 2 ** 20,
+                     "relative_error": predicted / measured - 1, "peak_gib": predicted / GIB})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="transdiff_large", choices=list(MODEL_SIZES))
@@ -347,6 +371,7 @@ def get_args_parser():
     p.add_argument("--target", default=CUDA_TARGET_DEFAULT, choices=["cuda", "cpu"], help="whose code paths")
     p.add_argument("--flops", action="store_true", help="also count FLOPs per image and the ideal times")
     p.add_argument("--table", action="store_true", help="the README table: B/L/H at the published batches")
+    p.add_argument("--validate", action="store_true", help="predicted against measured peaks of small CPU runs")
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.set_defaults(overrides={})
     return p
@@ -354,8 +379,8 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    if args.table:
-        result = {"rows": table()}
+    if args.table or args.validate:
+        result = {"rows": table() if args.table else validate()}
         result["peak_gib"] = max(r["peak_gib"] for r in result["rows"] if "peak_gib" in r)
     else:
         config = dict(img_size=args.img_size, class_num=args.class_num, mrar=args.mrar)

@@ -11,8 +11,7 @@ from helpers import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 import memory_model as mm  # noqa: E402
 
-SMALL = dict(img_size=64, class_num=10, encoder_embed_dim=128, encoder_depth=1, encoder_num_heads=4,
-             decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, buffer_size=16, diffusion_batch_mul=2)
+SMALL = mm.VALIDATION
 TOLERANCE = 0.15
 
 

@@ -128,15 +128,27 @@ def target_paths(target):
 
 @contextlib.contextmanager
 def fake_mode():
-    """FakeTensorMode, with what reads values off: the model's label check and AdamW's step count (.item())."""
+    """FakeTensorMode, with what reads values off (the model's label check, AdamW's step count) and oneDNN's
+    linear layers (no fake kernels) off."""
     check, step_value = transdiff.check_label_range, adam._get_value
     transdiff.check_label_range = lambda labels, class_num: None
     adam._get_value = lambda step: 1
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with FakeTensorMode(allow_non_fake_inputs=True), without_onednn():
             yield
     finally:
         transdiff.check_label_range, adam._get_value = check, step_value
+
+
+@contextlib.contextmanager
+def without_onednn():
+    """models/fused.py's linear layers through F.linear: also in the CPU runs measured against the fake ones
+    (oneDNN keeps a packed copy of each weight, CPU-only memory that the fake trace cannot follow)."""
+    saved, fused.ONEDNN_LINEAR = fused.ONEDNN_LINEAR, False
+    try:
+        yield
+    finally:
+        fused.ONEDNN_LINEAR = saved
 
 
 def _training_inputs(model, batch, device="cpu"):
@@ -285,7 +297,7 @@ def measure_sampling_cpu(name, batch, steps=2, dtype=None, cfg=1.5, **config):
     labels = torch.arange(batch) % config.get("class_num", 1000)
 
     def run():
-        with autocast("cpu", dtype):
+        with autocast("cpu", dtype), without_onednn():
             model.samples(labels, steps, cfg=cfg)
 
     return _live_storage_bytes([*model.parameters(), *model.buffers()]) + measured_cpu_peak(run)

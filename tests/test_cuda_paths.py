@@ -2,31 +2,28 @@
 them on a GPU): the parity fixtures in fp32 on the device at 1e-4, the label check on the host, the inference
 path of models/fused.py only on CPU, DDP with its gradients in the buckets, one TF32 policy."""
 import os
+import sys
 
 import pytest
+import test_model
 import torch
-import torch.distributed as torch_dist
-from conftest import load_fixture, synth_state_dict
-from helpers import free_port
+from conftest import load_fixture
+from helpers import REPO
 
 import main as entry
 from engine_transdiff import build_run
 from models import fused
 from models.tokenizers import build_tokenizer
-from models.transdiff import Transdiff, build_model
+from models.transdiff import build_model
 from util import precision
 from util.distributed import DistInfo
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_check  # noqa: E402
+
 
 def fixture_model(fx, device, **kwargs):
-    c = fx["config"]
-    model = Transdiff(img_size=c["img_size"], patch_size=c["patch_size"], encoder_embed_dim=c["encoder_embed_dim"],
-                      encoder_depth=c["encoder_depth"], encoder_num_heads=c["encoder_num_heads"],
-                      decoder_embed_dim=c["decoder_embed_dim"], decoder_depth=c["decoder_depth"],
-                      decoder_num_heads=c["decoder_num_heads"], mlp_ratio=c["mlp_ratio"], class_num=c["class_num"],
-                      buffer_size=c["buffer_size"], norm_eps=c["norm_eps"], **kwargs)
-    model.load_state_dict(synth_state_dict(fx["manifest"], fx["weights_seed"]), strict=True)
-    return model.to(device).eval()
+    return test_model.fixture_model(fx, **kwargs).to(device)
 
 
 def test_parity_fixtures_on_the_device(device):
@@ -95,12 +92,8 @@ def digits_args(root, *extra):
 @pytest.fixture
 def one_rank_group():
     """A process group of one rank (gloo), as torchrun would make it with more."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    torch_dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    with gpu_check.one_rank_group(torch.device("cpu")):
         yield
-    finally:
-        torch_dist.destroy_process_group()
 
 
 def test_ddp_keeps_gradients_in_its_buckets(tmp_path, one_rank_group):

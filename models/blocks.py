@@ -1,10 +1,10 @@
 """Transformer blocks of TransDiff: the AR encoder block and the diffusion decoder's blocks.
 
 Module and parameter names follow the released checkpoints (see tests/fixtures/official_state_dicts.json).
-All attention goes through scaled_dot_product_attention. Each `forward` here is the plain path (training, and
-any call with autograd); without autograd in eval mode the blocks run models/fused.py, which restates each
-`forward` with fewer passes over memory: a change to a block is made in both files (tests/test_model.py checks
-every pair against each other).
+All attention goes through scaled_dot_product_attention. Each `forward` here is the plain path (training, any
+call with autograd, any device outside fused.DEVICES); without autograd in eval mode on CPU the blocks run
+models/fused.py, which restates each `forward` with fewer passes over memory: a change to a block is made in
+both files (tests/test_model.py checks every pair against each other).
 """
 import math
 

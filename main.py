@@ -37,6 +37,7 @@ from util.errors import (
 )
 from util.evaluation import SamplingSettings, parse_cfg, resolve_fid_reference
 from util.logger import setup_logger, tensorboard_writer
+from util.precision import set_tf32
 
 PROG = os.path.basename(__file__)
 SAMPLING = SamplingSettings()  # the sampling flags' defaults
@@ -80,6 +81,8 @@ def get_args_parser():
     a("--ema_rate", type=float, default=0.9999)
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--bf16", action="store_true", help="bf16 autocast (default on CUDA: fp16 with loss scaling)")
+    a("--compile", action="store_true", help="torch.compile the training forward (with --evaluate: the "
+                                             "sampling networks); the first steps take longer while it compiles")
     a("--only_train_diff", action="store_true", help="freeze the AR encoder, train the diffusion decoder")
     a("--seed", type=int, default=SAMPLING.seed)
     a = p.add_argument_group("data").add_argument
@@ -248,6 +251,7 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     dist = init_distributed(args.device)
+    set_tf32()
     writer = lock = None
     try:
         lock, notes = runlock.hold_folder(args.output_dir, "evaluation" if args.evaluate else "training run")

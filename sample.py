@@ -18,9 +18,11 @@ import torch
 from tqdm import tqdm
 
 from models.pretrained import checkpoint_args, load_tokenizer, load_transdiff, published_sampling
+from models.transdiff import compile_model
 from util.amp import DTYPES, autocast
 from util.errors import OneLineParser, UserError
 from util.evaluation import SamplingSettings, grid, image_seed, latent_scale, parse_cfg, save_png, to_uint8
+from util.precision import set_tf32
 
 SETTINGS = ("cfg", "scale_0", "scale_1", "num_sampling_steps", "sampler")
 
@@ -45,6 +47,8 @@ def get_args_parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
     p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder network and the encoder blocks "
+                                                         "(the first batch takes longer while it compiles)")
     return p
 
 
@@ -111,7 +115,10 @@ def main(argv=None):
         tokenizer = load_tokenizer(ckpt, args.vae_path).to(device)
     except UserError as e:
         parser.error(str(e))
+    set_tf32()
     model = model.to(device).eval()
+    if args.compile:
+        compile_model(model)
     wrong = [c for c in args.classes if not 0 <= c < model.class_num]
     if wrong:
         parser.error(f"--classes {wrong} out of range: the model has classes 0..{model.class_num - 1}")

@@ -40,6 +40,7 @@ from models import fused  # noqa: E402
 from models.diffdecoder import DecoderNet  # noqa: E402
 from models.transdiff import MODEL_SIZES, build_model  # noqa: E402
 from util.amp import autocast  # noqa: E402
+from util.precision import set_tf32  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -357,9 +358,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32; bf16/fp16 go through autocast
-        torch.backends.cudnn.allow_tf32 = False
+    set_tf32()  # the project's policy: fp32 means fp32; bf16/fp16 go through autocast
     if args.no_onednn:
         fused.ONEDNN_LINEAR = False
     dtype = DTYPES[args.dtype]

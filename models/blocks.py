@@ -1,10 +1,10 @@
 """Transformer blocks of TransDiff: the AR encoder block and the diffusion decoder's blocks.
 
 Module and parameter names follow the released checkpoints (see tests/fixtures/official_state_dicts.json).
-All attention goes through scaled_dot_product_attention. Each `forward` here is the plain path (training, and
-any call with autograd); without autograd in eval mode the blocks run models/fused.py, which restates each
-`forward` with fewer passes over memory: a change to a block is made in both files (tests/test_model.py checks
-every pair against each other).
+All attention goes through scaled_dot_product_attention. Each `forward` here is the plain path (training, any
+call with autograd, any device outside fused.DEVICES); without autograd in eval mode on CPU the blocks run
+models/fused.py, which restates each `forward` with fewer passes over memory: a change to a block is made in
+both files (tests/test_model.py checks every pair against each other).
 """
 import math
 
@@ -141,7 +141,7 @@ class EncoderBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
 
     def forward(self, x, attn_mask=None):
-        if fused.applies(self):  # dispatched here, so that torch.compile of the block covers both paths
+        if fused.applies(self, x):  # dispatched here, so that torch.compile of the block covers both paths
             return fused.encoder_block(self, x, attn_mask)
         x = x + self.attn(self.norm1(x), attn_mask)
         return x + mlp_forward(self.mlp, self.norm2(x))

@@ -46,7 +46,7 @@ class DecoderNet(nn.Module):
 
     def condition_kv(self, c):
         """Per-block cross-attention keys/values of conditions c (B, N, cond_dim)."""
-        if fused.applies(self):
+        if fused.applies(self, c):
             return fused.condition_kv(self, c)
         c = self.cond_embed(c)
         return [blk.attn2.kv(c) for blk in self.res_blocks]
@@ -66,7 +66,7 @@ class DecoderNet(nn.Module):
         if cond_kv is None:
             cond_kv = self.condition_kv(c)
         temb, t6 = self.time_embed(t)
-        if fused.applies(self):
+        if fused.applies(self, x):
             return fused.decoder(self, x, t6, temb, cond_kv)
         x = self.input_proj(x) + self.diffusion_pos_embed_learned
         for blk, kv in zip(self.res_blocks, cond_kv):

@@ -43,9 +43,14 @@ def condition_groups(b, k):
     return k.shape[0]
 
 
-def applies(module):
-    """Whether `module` runs its inference path now: no autograd and eval mode."""
-    return not torch.is_grad_enabled() and not module.training
+# Devices on which the inference path is used. It has been checked against the plain path on CPU only; CUDA joins
+# when benchmarks/gpu_check.py shows parity and a gain there (its check `fused_vs_plain` compares both).
+DEVICES = {"cpu"}
+
+
+def applies(module, x):
+    """Whether `module` runs its inference path now, for input x: no autograd, eval mode, a device in DEVICES."""
+    return not torch.is_grad_enabled() and not module.training and x.device.type in DEVICES
 
 
 def _packed_weight(layer):

@@ -41,6 +41,15 @@ def block_causal_mask(block_sizes, device=None):
     return ids[:, None] >= ids[None, :]
 
 
+def check_label_range(labels, class_num):
+    """Class ids (a host tensor or sequence) must lie in [0, class_num): one clear error instead of an index
+    error on CPU or a device-side assert on CUDA."""
+    labels = torch.as_tensor(labels)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= class_num):
+        raise ValueError(f"labels must lie in [0, {class_num}); got values from {int(labels.min())} "
+                         f"to {int(labels.max())}")
+
+
 class Transdiff(nn.Module):
     def __init__(self, img_size=256, patch_size=1,
                  encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16,
@@ -131,13 +140,15 @@ class Transdiff(nn.Module):
 
     # ------------------------------------------------------------------ checks
     def check_labels(self, labels):
+        """dtype and shape always; the values where they are on the host (a device tensor would need a sync, a
+        compiled forward a graph break: the data of a run is checked when it is built, see
+        engine_transdiff.build_data, and `samples` checks a host copy)."""
         if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
         if labels.dim() != 1:
             raise ValueError(f"labels must be a 1-D tensor of class ids, got shape {tuple(labels.shape)}")
-        if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= self.class_num):
-            raise ValueError(f"labels must lie in [0, {self.class_num}); got values from {int(labels.min())} "
-                             f"to {int(labels.max())}")
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_label_range(labels, self.class_num)
 
     def _latent_shape(self):
         return (self.vae_embed_dim, self.grid, self.grid)
@@ -229,6 +240,7 @@ class Transdiff(nn.Module):
         `cfg` may be a list with one value per MRAR image. The model is in eval mode while sampling.
         """
         self.check_labels(labels)
+        check_label_range(labels.cpu(), self.class_num)  # on the host: on CUDA a bad id is a device-side assert
         steps = int(num_sampling_steps)
         cfgs = self._cfg_list(cfg)
         device = self.fake_latent.device

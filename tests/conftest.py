@@ -27,3 +27,19 @@ def load_fixture(name):
 def manifests():
     with open(os.path.join(FIXTURES, "official_state_dicts.json")) as f:
         return json.load(f)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device of the tests that take one (`device` fixture): cpu or "
+                                                     "cuda; fp32 there runs with TF32 off, as util/precision says")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """torch.device of --device; a test that asks for it runs there (skipped when that device is absent)."""
+    dev = torch.device(request.config.getoption("--device"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda, but no CUDA device is visible")
+    from util.precision import set_tf32
+    set_tf32(False)  # parity at 1e-4 in fp32 needs fp32 matrix products
+    return dev

@@ -2,12 +2,14 @@
 
     python benchmarks/eval_precision.py digits --run output/digits30 --raw    # accuracy / FD of a digits run
     python benchmarks/eval_precision.py large --steps 3 --batch 1            # a released-size model, random weights
+    python benchmarks/eval_precision.py fingerprint                          # the weights' fingerprint at L size
 
 `digits`: the run's digits report (digits_preset.write_report: the judge's accuracy, FD, precision, recall) in
 fp32, bf16 and fp16 autocast with the same seeds, and how many pixel values of the images differ from fp32.
 `large`: the same labels and noise through TransDiff-L with random weights (the zero-initialised parameters drawn
-too, so that every layer acts) in fp32 and under bf16 / fp16 autocast: the largest latent difference from fp32, and
-the time of the weights' fingerprint (util.evaluation.weights_fingerprint). Writes JSON under benchmarks/results/.
+too, so that every layer acts) in fp32 and under bf16 / fp16 autocast: the largest latent difference from fp32.
+`fingerprint`: wall and CPU time of util.evaluation.weights_fingerprint of that model, 3 times.
+Writes JSON under benchmarks/results/.
 """
 import argparse
 import json
@@ -64,7 +66,7 @@ def digits(opts):
             "by_dtype": rows}
 
 
-def large(opts):
+def large_model(opts):
     torch.manual_seed(0)
     model = build_model("transdiff_large", img_size=256, class_num=1000).eval()
     g = torch.Generator().manual_seed(1)
@@ -72,9 +74,23 @@ def large(opts):
         for p in model.parameters():
             if not p.any():  # zero-initialised (adaLN gates, the output layer): drawn, or the decoder is silent
                 p.copy_(torch.randn(p.shape, generator=g) * opts.init_std)
-    t0 = time.perf_counter()
-    fingerprint = weights_fingerprint(model)
-    fingerprint_s = time.perf_counter() - t0
+    return model
+
+
+def fingerprint(opts):
+    model = large_model(opts)
+    rows = []
+    for _ in range(3):
+        wall, cpu = time.perf_counter(), time.process_time()
+        digest = weights_fingerprint(model)
+        rows.append({"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2)})
+    return {"model": "transdiff_large", "parameters": sum(p.numel() for p in model.parameters()),
+            "bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()), "fingerprint": digest,
+            "runs": rows}
+
+
+def large(opts):
+    model = large_model(opts)
     labels = torch.arange(opts.batch) * 97 % 1000
     kw = dict(num_sampling_steps=opts.steps, cfg=1.3, scale_0=0.89, scale_1=0.95, sampler="maruyama")
     latents, rows = {}, {}
@@ -91,13 +107,12 @@ def large(opts):
     rows["fp32"]["latent_std"] = float(latents["fp32"].std())
     return {"model": "transdiff_large", "parameters": sum(p.numel() for p in model.parameters()),
             "init_std_of_zero_initialised": opts.init_std, "batch": opts.batch, "sampling": kw,
-            "threads": torch.get_num_threads(), "fingerprint": fingerprint,
-            "fingerprint_seconds": round(fingerprint_s, 2), "by_dtype": rows}
+            "threads": torch.get_num_threads(), "by_dtype": rows}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["digits", "large"])
+    p.add_argument("what", choices=["digits", "large", "fingerprint"])
     p.add_argument("--run", default="output/digits30")
     p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
     p.add_argument("--per_class", type=int, default=100)
@@ -110,7 +125,8 @@ def main(argv=None):
     opts = p.parse_args(argv)
     torch.set_num_threads(opts.threads)
     result = {"command": "python benchmarks/eval_precision.py " + " ".join(argv or sys.argv[1:]),
-              "torch": torch.__version__, **(digits(opts) if opts.what == "digits" else large(opts))}
+              "torch": torch.__version__,
+              **{"digits": digits, "large": large, "fingerprint": fingerprint}[opts.what](opts)}
     out = opts.out or os.path.join(RESULTS, f"eval_precision_{opts.what}.json")
     save_json(out, result)
     print(json.dumps(result, indent=1))

@@ -167,6 +167,7 @@ def published(version, mrar):
     return ["--patch_size", "2" if mrar else "1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["first", "corrected"])
 def test_published_commands_of_both_versions_run(data, tmp_path, version):
     one = tmp_path / "one_step"

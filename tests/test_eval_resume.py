@@ -14,6 +14,8 @@ import engine_eval
 import util.evaluation as ev
 from models.tokenizers import build_tokenizer
 
+SMALL = dict(num_images=8, eval_bsz=4, num_sampling_steps=2)
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -30,22 +32,22 @@ def vae(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, model, vae):
-    args = make_args(tmp_path_factory.mktemp("whole"), eval_bsz=5)
+    args = make_args(tmp_path_factory.mktemp("whole"), **SMALL)
     out = ev.eval_dir(args, None, model)
     engine_eval.generate_images(model, vae, args, out)
     return {f: Path(out, f).read_bytes() for f in pngs(out)}
 
 
 def test_killed_run_resumes_byte_exact(tmp_path, model, vae, uninterrupted, monkeypatch):
-    """Killed after 7 of 12 images (batches of 5), one more lost, rerun with --eval_bsz 1: the images regenerated
-    in batches of another shape differed by 1/255 in places (3 of the 6 here); now their planned batches are
+    """Killed after 5 of 8 images (batches of 4), one more lost, rerun with --eval_bsz 1: the images regenerated
+    in batches of another shape differed by 1/255 in places (3 of the 4 here); now their planned batches are
     sampled again whole."""
-    args = make_args(tmp_path, eval_bsz=5)
+    args = make_args(tmp_path, **SMALL)
     out = ev.eval_dir(args, None, model)
     real_save, calls = ev.save_png, []
 
     def dying_save(array, path):
-        if len(calls) == 7:
+        if len(calls) == 5:
             raise KeyboardInterrupt("killed")
         calls.append(path)
         real_save(array, path)
@@ -54,12 +56,12 @@ def test_killed_run_resumes_byte_exact(tmp_path, model, vae, uninterrupted, monk
     with pytest.raises(KeyboardInterrupt):
         engine_eval.generate_images(model, vae, args, out)
     monkeypatch.setattr(ev, "save_png", real_save)
-    assert pngs(out) == [f"{i:05d}.png" for i in range(7)]
-    Path(out, "00003.png").unlink()  # a lost image in the first batch too
+    assert pngs(out) == [f"{i:05d}.png" for i in range(5)]
+    Path(out, "00001.png").unlink()  # a lost image in the first batch too
 
     args.eval_bsz = 1
     speed = engine_eval.generate_images(model, vae, args, out)
-    assert speed["eval_bsz"] == 5 and speed["images_generated"] == 6 and speed["images_resampled"] == 6
+    assert speed["eval_bsz"] == 4 and speed["images_generated"] == 4 and speed["images_resampled"] == 4
     assert {f: Path(out, f).read_bytes() for f in pngs(out)} == uninterrupted
 
 

@@ -10,12 +10,15 @@ Layout of one evaluation (``eval_dir``)::
     <output_dir>/eval_results.jsonl                         one line per finished evaluation
 
 Image ``i`` has class ``i // (num_images / class_num)`` and draws all of its randomness from its own generator,
-seeded by ``image_seed(seed, i)``: the set depends neither on the world size nor on ``--eval_bsz`` (with equal
-threads per process the PNGs are byte-identical; another thread count moves some pixels by 1/255). Running the
-same command again skips the images already written, so an interrupted run completes its set.
+seeded by ``image_seed(seed, i)``. Images are generated in the batches of the folder's plan (consecutive indices,
+the ``eval_bsz`` of its first run), whole: at equal threads per process the PNGs are byte-identical on any world
+size and after any resume; another batch size or thread count moves some pixel values by a few 1/255
+(docs/evaluation.md). The weights' fingerprint is part of a folder's identity: other weights never add images to
+it. Running the same command again completes an interrupted set.
 
 Works in one process or under torchrun: ranks share the folder (a shared filesystem across nodes), rank 0 decides
-which images are missing and broadcasts it, every rank generates its share, and rank 0 scores the folder.
+which images are missing and broadcasts it, every rank generates its share and extracts the features of its
+share, and every rank scores all of them.
 """
 import argparse
 import hashlib
@@ -152,9 +155,9 @@ def image_seed(seed, index):
 
 def weights_fingerprint(*modules):
     """A 16-hex-digit digest of the names, dtypes, shapes and bytes of every tensor of `modules` (the generating
-    weights and the tokenizer): images of other weights are never mixed into one folder. About 2 s for
-    TransDiff-L on a CPU core (benchmarks/eval_precision.py measures it)."""
-    h = hashlib.blake2b(digest_size=8)
+    weights and the tokenizer): images of other weights are never mixed into one folder. SHA-256, the fastest
+    hash of hashlib where CPUs have SHA instructions: about 2 s of CPU for TransDiff-L (docs/evaluation.md)."""
+    h = hashlib.sha256()
     for module in modules:
         if not isinstance(module, torch.nn.Module):
             continue
@@ -162,7 +165,7 @@ def weights_fingerprint(*modules):
             t = t.detach()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
+    return h.hexdigest()[:16]
 
 
 def eval_folder_name(args, epoch=None, model=None, sampling=None):

@@ -5,6 +5,11 @@ digit judge's accuracy and FD (digits_preset's report). Then the Inception FID (
 set against a folder of held-out digits, scored in one process and by 2 ranks that share the feature extraction.
 
     python benchmarks/eval_determinism.py --run output/digits30 --fid_weights W.pth
+    python benchmarks/eval_determinism.py --vae --fid_weights W.pth
+
+With --vae: the KL-16 VAE path instead (a tiny model and the VAE, both with random weights, 32 px, in this
+process): --eval_bsz 1, 2 and 4 and 2 threads against 1 thread and --eval_bsz 8, and the Inception FID between each
+set and that one, next to the FID between two sets of other seeds (the sampling noise of such a set).
 
 Writes benchmarks/results/eval_determinism.json. The Inception FID of a few dozen images is a rank-deficient
 estimate: here only to compare one process with two ranks.
@@ -75,6 +80,46 @@ def reference_folder(opts, per_class):
     return folder
 
 
+def vae_path(opts):
+    from argparse import Namespace
+
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from helpers import write_vae_checkpoint
+    from test_evaluation import make_args, tiny_model
+
+    import engine_eval
+    from models.tokenizers import build_tokenizer
+    from util import metrics
+
+    vae = build_tokenizer(Namespace(tokenizer="kl16", vae_path=str(write_vae_checkpoint(
+        os.path.join(opts.scratch, "kl16_random.ckpt"))), vae_embed_dim=16, vae_unsafe_load=False))
+    model, n = tiny_model(), opts.vae_images
+    variants = {"1thread_bsz8": (1, 8, 7), "1thread_bsz1": (1, 1, 7), "1thread_bsz2": (1, 2, 7),
+                "1thread_bsz4": (1, 4, 7), "2threads_bsz8": (2, 8, 7), "other_seed": (1, 8, 8)}
+    folders = {}
+    for name, (threads, bsz, seed) in variants.items():
+        torch.set_num_threads(threads)
+        args = make_args(os.path.join(opts.scratch, "vae", name), num_images=n, eval_bsz=bsz, seed=seed)
+        folders[name] = os.path.join(args.output_dir, "images")
+        engine_eval.generate_images(model, vae, args, folders[name])
+    torch.set_num_threads(1)
+    extractor = metrics.build_inception(opts.fid_weights, features=[metrics.FID_FEATURE])
+    feats = {k: metrics.extract_features(f, extractor, names=[metrics.FID_FEATURE], num_workers=0)[
+        metrics.FID_FEATURE] for k, f in folders.items()}
+    base, rows = pixels(folders["1thread_bsz8"]), {}
+    ref = metrics.features_to_stats(feats["1thread_bsz8"])
+    for name in variants:
+        diff = np.abs(pixels(folders[name]) - base)
+        rows[name] = {"values_differing": int((diff > 0).sum()), "values": int(diff.size),
+                      "images_differing": int((diff.reshape(len(diff), -1) > 0).any(1).sum()),
+                      "max_abs_diff_of_255": int(diff.max()),
+                      "fid_to_reference_set": metrics.frechet_distance(*metrics.features_to_stats(feats[name]), *ref)}
+    return {"model": "transdiff_tiny (random weights) + KL-16 VAE (random weights), 32 px", "num_images": n,
+            "num_sampling_steps": 4, "variants": {k: dict(zip(("threads", "eval_bsz", "seed"), v))
+                                                  for k, v in variants.items()},
+            "reference": "1thread_bsz8", "by_variant": rows}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", default="output/digits30")
@@ -82,8 +127,16 @@ def main(argv=None):
     p.add_argument("--num_images", type=int, default=200)
     p.add_argument("--fid_images", type=int, default=20, help="images of the Inception comparison (and reference)")
     p.add_argument("--scratch", default="output/eval_determinism")
-    p.add_argument("--out", default="benchmarks/results/eval_determinism.json")
+    p.add_argument("--vae", action="store_true", help="the KL-16 VAE path (random weights) instead")
+    p.add_argument("--vae_images", type=int, default=16)
+    p.add_argument("--out", default=None)
     opts = p.parse_args(argv)
+    if opts.vae:
+        result = {"command": "python benchmarks/eval_determinism.py " + " ".join(argv or sys.argv[1:]),
+                  **vae_path(opts), "note": "2 CPU cores shared with other jobs"}
+        save_json(opts.out or "benchmarks/results/eval_determinism_vae.json", result)
+        print(json.dumps(result, indent=1))
+        return
     results = {name: evaluate(opts, name, *v, opts.num_images) for name, v in VARIANTS.items()}
     base_name = next(iter(VARIANTS))
     base = pixels(results[base_name]["folder"])
@@ -107,7 +160,7 @@ def main(argv=None):
               "variants": {k: dict(zip(("processes", "threads", "eval_bsz"), v)) for k, v in VARIANTS.items()},
               "by_variant": rows, "inception": inception, "inception_reference": ref,
               "note": "2 CPU cores shared with other jobs"}
-    save_json(opts.out, result)
+    save_json(opts.out or "benchmarks/results/eval_determinism.json", result)
     print(json.dumps(result, indent=1))
 
 

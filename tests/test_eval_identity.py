@@ -200,3 +200,16 @@ def test_sample_defaults_to_the_corrected_l_mrar_settings():
     settings, source = sample.sampling_settings(l_mrar, {})
     assert (settings["cfg"], settings["scale_0"], settings["scale_1"]) == (1.30, 0.925, 0.95)
     assert "first release gave cfg 1.3, scale_0 0.91, scale_1 0.93" in source
+
+
+def test_sampling_dtype_defaults_to_bf16_on_cuda_only():
+    """Evaluation and sample.py sampled in fp32 everywhere by default; on CUDA now under bf16 autocast, recorded in
+    the folder name. An explicit choice stays."""
+    args = make_args("/out", num_images=4)
+    cuda = ev.SamplingSettings.from_args(args).for_device(torch.device("cuda", 0))
+    assert cuda.dtype == "bf16" and cuda.autocast_dtype == torch.bfloat16
+    assert ev.eval_folder_name(args, sampling=cuda).endswith("-ema-bf16")
+    assert ev.SamplingSettings.from_args(args).for_device("cpu").dtype is None
+    args.eval_dtype = "fp32"
+    assert ev.SamplingSettings.from_args(args).for_device("cuda").autocast_dtype is None
+    assert sample.get_args_parser().parse_args(["--resume", "r", "--classes", "1"]).dtype is None

@@ -507,7 +507,10 @@ def evaluate(args, dist, tokenizer, writer):
     if args.compile:
         compile_model(model)
     log.info(f"evaluating the {'raw' if args.eval_wo_ema else 'EMA'} weights of {path}")
-    metrics = evaluate_weights(model, None, tokenizer, args, SamplingSettings.from_args(args), epoch=ckpt.get("epoch"),
+    # checkpoints store the last epoch completed (counted from 0): the folder is labelled with the epochs done,
+    # as online evaluation labels it
+    done = int(ckpt["epoch"]) + 1 if ckpt.get("epoch") is not None else None
+    metrics = evaluate_weights(model, None, tokenizer, args, SamplingSettings.from_args(args), epoch=done,
                                writer=writer)
     if metrics:
         log.info(f"evaluation: FID {metrics.get('fid')}, IS {metrics.get('inception_score_mean')}")

@@ -125,7 +125,8 @@ def get_args_parser():
     a("--fid_weights", default=None, help="Inception weights file (tools/fid_weights.py makes one offline)")
     a("--fid_batch_size", type=int, default=100, help="images per Inception forward pass when scoring")
     a("--skip_metrics", action="store_true", help="only generate the evaluation images, score nothing")
-    a("--eval_dtype", default=None, choices=["fp32", "bf16", "fp16"], help="autocast while sampling")
+    a("--eval_dtype", default=None, choices=["fp32", "bf16", "fp16"],
+      help="autocast while sampling (default: bf16 on CUDA, fp32 on CPU)")
     a = p.add_argument_group("digits report (--preset)").add_argument
     a("--report_per_class", type=int, default=100, help="generated digits per class that the classifier judges")
     a("--grid_per_class", type=int, default=10, help="columns of the class-by-class sample grid")

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.pretrained import checkpoint_args, load_tokenizer, load_transdiff, published_sampling
+from models.pretrained import (
+    FIRST_RELEASE_SAMPLING,
+    checkpoint_args,
+    load_tokenizer,
+    load_transdiff,
+    published_sampling,
+    size_name,
+)
 from models.transdiff import compile_model
 from util.amp import DTYPES, autocast
 from util.errors import OneLineParser, UserError
@@ -45,7 +52,8 @@ def get_args_parser():
     p.add_argument("--load_step", default=None, help="checkpoint-<step>.pth of a run folder instead of the last")
     p.add_argument("--vae_path", default=None, help="KL-16 VAE weights (default: the run's, else ckpt/vae/kl16.ckpt)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="autocast dtype (default: bf16 on CUDA, fp32 on CPU; docs/evaluation.md)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder network and the encoder blocks "
                                                          "(the first batch takes longer while it compiles)")
@@ -58,6 +66,10 @@ def sampling_settings(model, ckpt, given=None):
     published = published_sampling(model)
     if published is not None:
         base, source = published, "the paper's settings for this released architecture"
+        first = FIRST_RELEASE_SAMPLING.get((size_name(model.config), bool(model.mrar), int(model.img_size)))
+        if first is not None:
+            source += (" (the authors' corrected README; the first release gave cfg {}, scale_0 {}, scale_1 {})"
+                       .format(*first))
     else:
         args = checkpoint_args(ckpt)
         base = {k: args[k] for k in SETTINGS if args.get(k) not in (None, "")}
@@ -126,8 +138,10 @@ def main(argv=None):
     print(f"{'MRAR' if model.mrar else '1-Step'} model at {model.img_size} px, {model.class_num} classes; "
           f"{source}: {settings}")
 
+    dtype = SamplingSettings(dtype=args.dtype).for_device(device).dtype
+    print(f"sampling in {dtype or 'fp32'}")
     images, picture = sample_grid(model, tokenizer, args.classes, args.per_class, settings, args.seed, args.batch_size,
-                               DTYPES[args.dtype])
+                                  DTYPES[dtype])
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     picture.save(args.out)

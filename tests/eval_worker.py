@@ -37,14 +37,15 @@ class TinyTokenizer(torch.nn.Module):
         return torch.tanh(F.interpolate(x, scale_factor=self.stride, mode="nearest"))
 
 
-def main(config_path):
+def main(config_path, feature_extractor=None):
     torch.set_num_threads(1)  # two ranks on a 2-core machine
     cfg = json.loads(Path(config_path).read_text())
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
     model = build_model(cfg["model_name"], **cfg["model_kwargs"])
     model.load_state_dict(torch.load(cfg["state_dict"], weights_only=True))
-    result = run_evaluation(model, TinyTokenizer(), argparse.Namespace(**cfg["args"]), epoch=cfg.get("epoch"))
+    result = run_evaluation(model, TinyTokenizer(), argparse.Namespace(**cfg["args"]), epoch=cfg.get("epoch"),
+                            feature_extractor=feature_extractor)
     if result is not None:
         print("RESULT " + json.dumps(result), flush=True)
     if dist.is_initialized():

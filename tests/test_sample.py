@@ -89,7 +89,7 @@ def test_default_settings_published_for_released_architectures_else_the_runs(run
     run_args = {"args": {"cfg": 3.0, "num_sampling_steps": "64"}}  # as the released code stores it: a string
     settings, source = sample.sampling_settings(mrar_l, run_args)
     assert (settings["cfg"], settings["scale_0"], settings["scale_1"], settings["num_sampling_steps"]) == \
-        (1.30, 0.91, 0.93, 100) and "paper" in source
+        (1.30, 0.925, 0.95, 100) and "paper" in source and "first release" in source
     mrar_l.img_size = 512  # no released L-MRAR at 512 px: the run's own
     settings, _ = sample.sampling_settings(mrar_l, run_args)
     assert (settings["cfg"], settings["scale_0"], settings["num_sampling_steps"]) == (3.0, 1.0, 64)

@@ -10,20 +10,25 @@ Layout of one evaluation (``eval_dir``)::
     <output_dir>/eval_results.jsonl                         one line per finished evaluation
 
 Image ``i`` has class ``i // (num_images / class_num)`` and draws all of its randomness from its own generator,
-seeded by ``image_seed(seed, i)``: the set depends neither on the world size nor on ``--eval_bsz`` (with equal
-threads per process the PNGs are byte-identical; another thread count moves some pixels by 1/255). Running the
-same command again skips the images already written, so an interrupted run completes its set.
+seeded by ``image_seed(seed, i)``. Images are generated in the batches of the folder's plan (consecutive indices,
+the ``eval_bsz`` of its first run), whole: at equal threads per process the PNGs are byte-identical on any world
+size and after any resume; another batch size or thread count moves some pixel values by a few 1/255
+(docs/evaluation.md). The weights' fingerprint is part of a folder's identity: other weights never add images to
+it. Running the same command again completes an interrupted set.
 
 Works in one process or under torchrun: ranks share the folder (a shared filesystem across nodes), rank 0 decides
-which images are missing and broadcasts it, every rank generates its share, and rank 0 scores the folder.
+which images are missing and broadcasts it, every rank generates its share and extracts the features of its
+share, and every rank scores all of them.
 """
 import argparse
 import hashlib
 import json
 import math
 import os
+import queue
 import sys
-from dataclasses import asdict, dataclass
+import threading
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +37,7 @@ from PIL import Image
 
 from util.amp import dtype_from_name
 from util.checkpoint import atomic_write, remove_stale_temp_files, save_json
+from util.errors import UserError
 
 # Released reference statistics per resolution (SPEC §4); relative to the repository root.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,8 +48,14 @@ DEFAULT_FID_STATS = {
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 # Keys of generation.json that must match for a rerun to add images to an existing folder. Not `resume`: a
-# training run restarted from its own output_dir re-evaluates the same epoch with a different --resume.
+# training run restarted from its own output_dir re-evaluates the same epoch with a different --resume. The
+# weights' fingerprint is checked apart (check_manifest): other weights get a folder of their own.
 IDENTITY_KEYS = ("model", "mrar", "img_size", "class_num", "latent_scale")
+WEIGHTS_KEY = "weights"
+# Autocast while sampling when --eval_dtype / sample.py --dtype is not given: on CUDA, bf16 (benchmarks/
+# eval_precision.py, docs/evaluation.md: the digits' accuracy and FD do not move, and bf16 cannot overflow where
+# fp16 can); on CPU fp32, where autocast is slower than fp32.
+DEFAULT_SAMPLING_DTYPE = {"cuda": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,12 @@ class SamplingSettings:
         return cls(int(args.num_sampling_steps), list(args.cfg) if isinstance(args.cfg, (list, tuple)) else
                    float(args.cfg), float(args.scale_0), float(args.scale_1), args.sampler, int(args.seed),
                    not args.eval_wo_ema, args.eval_dtype)
+
+    def for_device(self, device):
+        """These settings with the default sampling dtype of `device` when none was chosen."""
+        if self.dtype is not None:
+            return self
+        return replace(self, dtype=DEFAULT_SAMPLING_DTYPE.get(torch.device(device).type))
 
     @property
     def autocast_dtype(self):
@@ -133,6 +151,21 @@ def image_seed(seed, index):
     with neighbouring seeds do not share shifted copies of the same noise."""
     digest = hashlib.blake2b(f"transdiff-eval:{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def weights_fingerprint(*modules):
+    """A 16-hex-digit digest of the names, dtypes, shapes and bytes of every tensor of `modules` (the generating
+    weights and the tokenizer): images of other weights are never mixed into one folder. SHA-256, the fastest
+    hash of hashlib where CPUs have SHA instructions: about 2 s of CPU for TransDiff-L (docs/evaluation.md)."""
+    h = hashlib.sha256()
+    for module in modules:
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for name, t in module.state_dict().items():
+            t = t.detach()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()[:16]
 
 
 def eval_folder_name(args, epoch=None, model=None, sampling=None):
@@ -215,20 +248,92 @@ def grid(images, rows, cols, pad=2):
     return Image.fromarray(canvas[..., 0] if grey else canvas)
 
 
+class OtherWeightsError(UserError, RuntimeError):
+    """The folder holds images of other weights of the same kind of model."""
+
+
 def check_manifest(out_dir, manifest):
     """Refuse to add images to a folder that another kind of model started (B and B-MRAR share their published
-    sampling settings, and the published commands may share an output_dir); a new folder gets the manifest."""
+    sampling settings, and the published commands may share an output_dir), or other weights
+    (OtherWeightsError, naming both); a new folder gets the manifest. Returns the folder's manifest: its
+    `eval_bsz` is the batch plan every rerun follows."""
     path = os.path.join(out_dir, "generation.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = {k: (old.get(k), manifest[k]) for k in IDENTITY_KEYS if old.get(k) != manifest[k]}
-        if diff:
-            what = "; ".join(f"{k}: folder has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
-            raise RuntimeError(f"{out_dir} holds images of another model ({what}). Refusing to mix "
-                               "them: use another --output_dir, or delete that folder to regenerate.")
-    else:
+    if not os.path.exists(path):
         save_json(path, manifest)
+        return manifest
+    with open(path) as f:
+        old = json.load(f)
+    diff = {k: (old.get(k), manifest[k]) for k in IDENTITY_KEYS if old.get(k) != manifest[k]}
+    if diff:
+        what = "; ".join(f"{k}: folder has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+        raise RuntimeError(f"{out_dir} holds images of another model ({what}). Refusing to mix "
+                           "them: use another --output_dir, or delete that folder to regenerate.")
+    if old.get(WEIGHTS_KEY) != manifest[WEIGHTS_KEY]:
+        raise OtherWeightsError(
+            f"{out_dir} holds images of other weights (fingerprint {old.get(WEIGHTS_KEY) or 'not recorded'}, "
+            f"from {old.get('resume') or 'the training run'}) than this run's ({manifest[WEIGHTS_KEY]}, from "
+            f"{manifest.get('resume') or 'the training run'}): use another --output_dir, or delete that folder")
+    return old
+
+
+def planned_batches(missing, num_images, batch_size):
+    """The batches of the folder's plan (consecutive image indices, `batch_size` each) that hold a missing
+    image: a batch's float results depend on its shape and members, so only a batch regenerated whole gives
+    back the bytes an uninterrupted run wrote, on any world size."""
+    todo = sorted({i // batch_size for i in missing})
+    return [range(k * batch_size, min((k + 1) * batch_size, num_images)) for k in todo]
+
+
+class PngWriter:
+    """Writes PNGs (save_png: atomic) from a worker thread while the caller generates the next batch; at most
+    `max_pending` images wait, so memory stays bounded. One thread keeps up with a GPU (benchmarks/
+    png_writer.py) and writes in order, so that a killed run leaves every batch but the last ones whole. The
+    first error stops the writes still queued and is raised by the next `put` or by `close`."""
+
+    def __init__(self, max_pending, threads=1):
+        self._queue = queue.Queue(maxsize=max(1, int(max_pending)))
+        self._error = None
+        self._threads = [threading.Thread(target=self._work, daemon=True) for _ in range(int(threads))]
+        for t in self._threads:
+            t.start()
+
+    def _work(self):
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    save_png(*item)  # looked up at call time: tests replace it
+                except BaseException as e:  # a KeyboardInterrupt too: the caller re-raises it
+                    self._error = e
+            self._queue.task_done()
+        self._queue.task_done()
+
+    def _raise(self):
+        if self._error is not None:
+            raise self._error
+
+    def put(self, array, path):
+        self._raise()
+        self._queue.put((array, path))  # blocks while max_pending images wait
+
+    def close(self):
+        """Wait for every queued image; raise the first error."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+        self._raise()
+
+
+def check_reference_images(ref_dir, files):
+    """Decode every reference image before any is generated: one unreadable file ends the run in seconds, naming
+    it, not after hours of sampling."""
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.convert("RGB").load()
+        except (OSError, ValueError, SyntaxError) as e:
+            raise UserError(f"FID reference image {path} in --fid_ref_dir {ref_dir} cannot be read "
+                            f"({type(e).__name__}: {e}): replace or delete it") from None
 
 
 def check_folder(out_dir, n):

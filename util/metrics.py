@@ -25,6 +25,7 @@ No device is hard-coded here: pass ``device``. The statistics are computed in fl
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import pickle
@@ -67,6 +68,7 @@ __all__ = [
     "image_folder_dataset",
     "ArrayImageDataset",
     "load_adm_images",
+    "inception_precision",
     "extract_features",
     "features_to_stats",
     "frechet_distance",
@@ -94,6 +96,8 @@ PRC_NEIGHBORHOOD = 3  # k of Kynkäänniemi et al. (2019), torch-fidelity's defa
 _PRC_BATCH = 1000  # rows of the pairwise-distance matrix held at once: 1000 x 50k float32 is 200 MB
 
 FeatureFn = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
+# (N, D) features of this process's share -> those of every share, in share order (engine_eval under torchrun)
+GatherFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -357,6 +361,19 @@ def _extractor_device(feature_extractor: Any, default: str | torch.device) -> to
     return torch.device(default)
 
 
+@contextlib.contextmanager
+def inception_precision(tf32: bool = False):
+    """cuDNN convolutions and CUDA matmuls in full fp32 (``tf32=False``) or TF32 while features are extracted; the
+    flags are restored after. cuDNN uses TF32 by default on Ampere and newer, which moves Inception features (and
+    FID) away from the fp32 values the reference statistics were computed with."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def extract_features(
     source: Dataset | str | os.PathLike,
     feature_extractor: FeatureExtractorBase | FeatureFn,
@@ -366,13 +383,14 @@ def extract_features(
     device: str | torch.device | None = None,
     verbose: bool = False,
     desc: str = "features",
+    tf32: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Run ``feature_extractor`` over ``source`` (an image folder or a Dataset of uint8 CHW tensors) and return the
     features named ``names`` as float32 CPU tensors (N, D).
 
     ``feature_extractor`` is a torch-fidelity ``FeatureExtractorBase`` (e.g. :func:`build_inception`), or any
     callable mapping a uint8 (B, 3, H, W) batch to a dict of (B, D) tensors. Batches go to ``device`` (default: the
-    extractor's device)."""
+    extractor's device). TF32 is off unless ``tf32`` (:func:`inception_precision`)."""
     if not isinstance(source, Dataset):
         source = image_folder_dataset(source, verbose=verbose)
     n = len(source)
@@ -391,7 +409,8 @@ def extract_features(
         pin_memory=dev.type == "cuda",
     )
     out: dict[str, list[torch.Tensor]] = {k: [] for k in names}
-    with torch.inference_mode(), tqdm(total=n, unit="img", desc=desc, disable=not verbose, leave=False) as bar:
+    with inception_precision(tf32), torch.inference_mode(), \
+            tqdm(total=n, unit="img", desc=desc, disable=not verbose, leave=False) as bar:
         for batch in loader:
             if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != 3:
                 raise ValueError(f"Expected uint8 image batches of shape (B, 3, H, W), got {batch.dtype} {batch.shape}")
@@ -559,6 +578,9 @@ def compute_metrics(
     fid_feature: str = FID_FEATURE,
     gen_recursive: bool = False,
     verbose: bool = False,
+    tf32: bool = False,
+    shard: tuple[int, int] = (0, 1),
+    gather: GatherFn | None = None,
 ) -> dict[str, Any]:
     """FID, Inception Score and (with ``prc``) precision/recall of the images (png/jpg) in ``gen_dir``.
 
@@ -579,6 +601,10 @@ def compute_metrics(
             callable mapping a uint8 (B, 3, H, W) batch to a dict with those keys.
         fid_feature: torch-fidelity feature used for FID (``"2048"``, the standard; ``"64"``/``"192"``/``"768"`` are
             torch-fidelity's smaller Inception layers, cheap for quick checks). ``ref_stats`` must match it.
+        tf32: let cuDNN and CUDA matmuls use TF32 while extracting (off: the features of the fp32 network).
+        shard, gather: ``(index, count)``: this process extracts the features of share ``index`` of ``count``
+            contiguous shares of the images (and of the reference folder); ``gather`` returns those of all shares
+            in order, so every process computes the same metrics from all features.
 
     Returns:
         ``{"fid", "inception_score_mean", "inception_score_std", "precision", "recall", "num_images",
@@ -613,15 +639,23 @@ def compute_metrics(
         path = resolve_inception_weights(feature_extractor_weights_path)
         result["inception_weights"], result["inception_weights_sha256"] = path, file_sha256(path)
     kw = dict(feature_extractor=feature_extractor, batch_size=batch_size, num_workers=num_workers, device=device,
-              verbose=verbose)
-    feats = extract_features(gen_data, names=names, desc="generated", **kw)
+              verbose=verbose, tf32=tf32)
+
+    def features(data, wanted, desc):
+        index, count = shard
+        files = data.files[index * len(data) // count:(index + 1) * len(data) // count]
+        mine = extract_features(ImagesPathDataset(files, data.transforms), names=wanted, desc=desc, **kw) \
+            if files else {}
+        return mine if gather is None else gather(mine)
+
+    feats = features(gen_data, names, "generated")
     if isc:
         result["inception_score_mean"], result["inception_score_std"] = inception_score(feats[ISC_FEATURE], isc_splits)
     if not dist_feature:
         return result
     ref_feats = None
     if ref_data is not None:
-        ref_feats = extract_features(ref_data, names=dist_feature, desc="reference", **kw)[fid_feature]
+        ref_feats = features(ref_data, dist_feature, "reference")[fid_feature]
     if fid:
         ref = ref if ref is not None else features_to_stats(ref_feats)
         mu, sigma = features_to_stats(feats[fid_feature])

@@ -78,7 +78,7 @@ def read_checkpoint(path, step=None, map_location="cpu"):
     try:
         # Released checkpoints pickle their argparse.Namespace of arguments; allow exactly that.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(file, map_location=map_location, weights_only=True)
+            ckpt = _load_mapped(file, map_location)
     except Exception as e:  # truncated file, not a torch file, foreign pickled objects
         raise CheckpointError(f"cannot read checkpoint {file}: {type(e).__name__}: {str(e).splitlines()[0]} "
                               f"(the file may be truncated by an interrupted download or copy, or not be a "
@@ -86,6 +86,18 @@ def read_checkpoint(path, step=None, map_location="cpu"):
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt["model"], dict):
         raise CheckpointError(f"{file} is not a TransDiff checkpoint: expected a dict with a 'model' state dict")
     return ckpt
+
+
+def _load_mapped(file, map_location):
+    """torch.load with mmap: the tensors stay pages of the file until copied into the model and optimizer, so
+    the ranks of a node share one copy in the page cache instead of each reading the whole file into its own
+    memory. A file in the pre-zip format (torch < 1.6) cannot be mapped and is read whole."""
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "_use_new_zipfile_serialization" not in str(e):
+            raise
+        return torch.load(file, map_location=map_location, weights_only=True)
 
 
 def checkpoint_args(ckpt):

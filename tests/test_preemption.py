@@ -95,7 +95,8 @@ def test_sigterm_to_torchrun_saves_both_ranks_and_continues(world, tmp_path):
     args = flags(world, split, epochs=3)
     first = torchrun(SCRIPT, args, env=hook_env(tmp_path, 2, "parent"))
     text = first.stdout + first.stderr
-    assert f"exitcode: {PREEMPTED_EXIT}" in text or f"exit code {PREEMPTED_EXIT}" in text, text[-3000:]
+    assert first.returncode != 0 and "got signal: 15" in text, text[-3000:]  # torchrun's own exit after a signal
+    assert "stopped by SIGTERM after saving checkpoint-last.pth" in text, text[-3000:]
     stopped = last_step(split)
     assert 2 <= stopped < 9 and sorted(read_losses(split)) == list(range(1, stopped + 1))
     again = torchrun(SCRIPT, args, env=hook_env(tmp_path, 2, "parent"))

@@ -69,16 +69,17 @@ def resolve_checkpoint_path(path, step=None):
     return path
 
 
-def read_checkpoint(path, step=None, map_location="cpu"):
+def read_checkpoint(path, step=None, map_location="cpu", mmap=True):
     """Load a checkpoint dict from a file or run folder, with one clear error for unreadable files. An export
-    (`.safetensors`) reads as a dict of its one set of weights under `model`, without pickle (`read_export`)."""
+    (`.safetensors`) reads as a dict of its one set of weights under `model`, without pickle (`read_export`).
+    `mmap`: map the file rather than read it into memory (`_load_mapped`)."""
     if is_export(path):
         return read_export(path)
     file = resolve_checkpoint_path(path, step)
     try:
         # Released checkpoints pickle their argparse.Namespace of arguments; allow exactly that.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = _load_mapped(file, map_location)
+            ckpt = _load_mapped(file, map_location, mmap)
     except Exception as e:  # truncated file, not a torch file, foreign pickled objects
         raise CheckpointError(f"cannot read checkpoint {file}: {type(e).__name__}: {str(e).splitlines()[0]} "
                               f"(the file may be truncated by an interrupted download or copy, or not be a "
@@ -88,12 +89,12 @@ def read_checkpoint(path, step=None, map_location="cpu"):
     return ckpt
 
 
-def _load_mapped(file, map_location):
+def _load_mapped(file, map_location, mmap=True):
     """torch.load with mmap: the tensors stay pages of the file until copied into the model and optimizer, so
     the ranks of a node share one copy in the page cache instead of each reading the whole file into its own
     memory. A file in the pre-zip format (torch < 1.6) cannot be mapped and is read whole."""
     try:
-        return torch.load(file, map_location=map_location, weights_only=True, mmap=True)
+        return torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
     except RuntimeError as e:
         if "_use_new_zipfile_serialization" not in str(e):
             raise

@@ -10,7 +10,7 @@ import pytest
 from helpers import REPO, _env, read_losses, write_image_folder, write_vae_checkpoint
 
 import main
-from util.logger import ARGS_HISTORY, MetricsLog
+from util.logger import MetricsLog
 
 
 def write_rows(path, steps, tail=""):
@@ -80,7 +80,7 @@ def test_each_start_keeps_its_arguments_and_a_torn_line_does_not_stop_the_next(t
         f.write('{"step": 3, "loss": 0.')  # killed while logging step 3
     main.cli(argv + ["--max_train_steps", "3", "--lr", "2e-4"])
     assert sorted(read_losses(out)) == [1, 2, 3]
-    history = [json.loads(line) for line in (out / ARGS_HISTORY).read_text().splitlines()]
+    history = [json.loads(line) for line in (out / "args_history.jsonl").read_text().splitlines()]
     assert [h["args"]["lr"] for h in history] == [1e-4, 2e-4]
     assert all(h["world_size"] == 1 and len(h["hosts"]) == 1 and h["time"] for h in history)
     assert json.loads((out / "args.json").read_text())["lr"] == 2e-4  # the latest, as before

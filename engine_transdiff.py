@@ -49,7 +49,6 @@ from util.evaluation import SamplingSettings
 from util.logger import MetricsLog, get_logger
 from util.lr_sched import adjust_learning_rate
 from util.optim import EMA, build_adamw
-from util.preemption import StepRequests
 
 log = get_logger()
 
@@ -92,7 +91,7 @@ class Run:
     writer: Any = None          # TensorBoard on rank 0
     rng_states: Any = None      # per-rank RNG states of the checkpoint resumed from
     sampling: SamplingSettings = field(default_factory=SamplingSettings)  # of its evaluations and reports
-    requests: StepRequests = field(default_factory=StepRequests)  # stop / save, agreed by the ranks each step
+    requests: Any = field(default_factory=preemption.StepRequests)  # stop / save, agreed by the ranks each step
 
     @property
     def epoch_samples(self):
@@ -221,7 +220,7 @@ def build_run(args, dist, tokenizer, writer):
                samples_per_step=args.eff_batch_size, steps_per_epoch=steps_per_epoch,
                metrics=MetricsLog(args.output_dir, resume_step=state.step) if dist.is_main else None,
                writer=writer if dist.is_main else None, rng_states=rng_states,
-               sampling=SamplingSettings.from_args(args), requests=StepRequests(args.save_every_minutes))
+               sampling=SamplingSettings.from_args(args), requests=preemption.StepRequests(args.save_every_minutes))
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -440,7 +439,7 @@ def train_one_epoch(run, epoch):
                    "kimg": st.images_seen / 1000}
             if run.scaler.is_enabled():
                 row.update(loss_scale=run.scaler.get_scale(), skipped_steps=st.skipped_steps)
-            bar.set_postfix(loss=f"{row['loss'] or math.nan:.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{math.nan if row['loss'] is None else row['loss']:.4f}", lr=f"{lr:.2e}")
             if run.dist.is_main:
                 run.metrics.write(row)
                 for k in ("loss", "lr", "grad_norm", "images_per_sec", "loss_scale", "skipped_steps"):
@@ -449,8 +448,7 @@ def train_one_epoch(run, epoch):
             window, t_window = [], time.time()
         if run.requests.stop:
             bar.close()
-            log.info(f"stop requested ({preemption.stop_requested() or 'a stop signal on another rank'}): "
-                     f"saving after optimizer step {st.step}")
+            log.info(f"stop requested ({preemption.stop_reason()}): saving after optimizer step {st.step}")
             save(run)
             return False
         if (args.save_every_steps and st.step % args.save_every_steps == 0) or run.requests.save:
@@ -503,8 +501,8 @@ def train(args, dist, tokenizer, writer):
     if run.metrics:
         run.metrics.close()
     if run.requests.stop:
-        note = (f"stopped by {preemption.stop_requested() or 'a stop signal on another rank'} after saving {LAST} "
-                f"at optimizer step {run.state.step}: run the same command again to continue")
+        note = (f"stopped by {preemption.stop_reason()} after saving {LAST} at optimizer step {run.state.step}: "
+                f"run the same command again to continue")
         log.info(note)
         raise preemption.Preempted(note)
     return run

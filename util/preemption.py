@@ -12,6 +12,8 @@ Under torchrun a worker also asks the kernel for SIGTERM when its launcher dies 
 import ctypes
 import os
 import signal
+import sys
+import threading
 import time
 
 import torch
@@ -24,6 +26,8 @@ DEFAULT_STOP_SIGNALS = "SIGTERM,SIGUSR1"
 # to save, then the kernel ends it, so that no rank of a killed job outlives it by more
 LAUNCHER_GONE_GRACE_S = 30
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# uncatchable, or taken: SIGALRM ends a worker whose launcher is gone, SIGCHLD is the data loader's
+_NOT_STOP_SIGNALS = ("SIGKILL", "SIGSTOP", "SIGALRM", "SIGCHLD")
 
 _received = []  # names of the stop signals received, in order
 
@@ -37,8 +41,8 @@ def parse_signals(text):
     out = []
     for name in (s.strip().upper() for s in text.split(",") if s.strip()):
         name = name if name.startswith("SIG") else f"SIG{name}"
-        if not hasattr(signal.Signals, name) or name in ("SIGKILL", "SIGSTOP"):
-            raise ValueError(f"{name} is not a signal that can be caught")
+        if name not in signal.Signals.__members__ or name in _NOT_STOP_SIGNALS:
+            raise ValueError(f"{name} cannot be a stop signal: name catchable ones such as SIGTERM, SIGUSR1, SIGUSR2")
         out.append(signal.Signals[name])
     return out
 
@@ -51,8 +55,11 @@ def _on_signal(signum, frame):
 
 
 def install(signals):
-    """Handle `signals` (a list from parse_signals) as stop requests from now on; returns the old handlers."""
+    """Handle `signals` (a list from parse_signals) as stop requests from now on; returns the old handlers.
+    Only the main thread may set handlers: called from another one (a notebook's worker thread), it sets none."""
     _received.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return {}
     return {s: signal.signal(s, _on_signal) for s in signals}
 
 
@@ -67,26 +74,29 @@ def stop_requested():
     return _received[0] if _received else None
 
 
-_launcher_pid = None
+def stop_reason():
+    """What stopped the run, for the log: this process's first stop signal, or another rank's."""
+    return stop_requested() or "a stop signal on another rank"
+
+
+_launcher = None  # (this worker's pid, its launcher's pid) under torchrun
 
 
 def _launcher_gone():
-    return _launcher_pid is not None and os.getppid() != _launcher_pid
+    # a process forked from the worker (a data loader's) inherits the handler, not the launcher
+    return _launcher is not None and _launcher[0] == os.getpid() and os.getppid() != _launcher[1]
 
 
 def end_with_launcher():
-    """Under torchrun: SIGTERM to this process when its launcher dies (Linux); a no-op elsewhere. A launcher
-    that died before the call is caught by comparing the parent pid."""
-    global _launcher_pid
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not hasattr(os, "getppid"):
+    """Under torchrun on Linux: SIGTERM to this process when its launcher dies; a no-op elsewhere."""
+    global _launcher
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
-    _launcher_pid = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the parent check below still runs at every start
-        pass
-    if _launcher_gone():
+    _launcher = (os.getpid(), os.getppid())
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != _launcher[1]:  # the launcher died between the two calls
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -2,8 +2,8 @@
 workers); the run saves at the step the ranks agree on and exits with PREEMPTED_EXIT; the same command again
 continues it with the losses of an uninterrupted run. A killed launcher takes its workers with it.
 
-Run as a script it is main.py whose rank 0 sends SIGNAL (to itself, or to its parent: torchrun) at the forward
-call SIGNAL_AT_CALL, once per SIGNAL_ONCE file, and writes its pid to PID_DIR.
+Run as a script it is main.py whose rank 0 sends SIGNAL (to its process group, or to its parent: torchrun) at
+the forward call SIGNAL_AT_CALL, once per SIGNAL_ONCE file, and writes its pid to PID_DIR.
 """
 import os
 import signal
@@ -31,7 +31,7 @@ def world(tmp_path_factory):
 def flags(world, out, epochs=2):
     return ["--img_size", 32, "--vae_path", world["vae"], "--vae_embed_dim", 16, "--model", "transdiff_tiny",
             "--diffusion_batch_mul", 2, "--epochs", epochs, "--warmup_epochs", 1, "--class_num", 10,
-            "--batch_size", 2, "--num_workers", 0, "--log_freq", 1, "--threads", 1, "--output_dir", out,
+            "--batch_size", 2, "--num_workers", 1, "--log_freq", 1, "--threads", 1, "--output_dir", out,
             "--data_path", world["data"]]
 
 
@@ -52,7 +52,8 @@ def in_process(args):
 
 def run_script(args, env, timeout=240):
     cmd = [sys.executable, SCRIPT, *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env={**_env(), **env}, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env={**_env(), **env}, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)  # its own process group, as a job step's
 
 
 def assert_same_losses(reference, resumed):
@@ -67,16 +68,17 @@ def last_step(out):
 
 
 def test_sigterm_saves_exits_and_the_same_command_continues(world, tmp_path):
-    """SIGTERM during the forward pass of step 3: step 3 completes, is saved, exit 75; run again: the losses
-    of steps 1-12 equal an uninterrupted run's."""
+    """SIGTERM to the process group (the run and its data loader's worker, as a scheduler sends it) during the
+    first forward pass of step 2, whose second micro-batch the worker has yet to load: step 2 completes, is
+    saved, exit 75; run again: the losses of steps 1-6 equal an uninterrupted run's."""
     full, split = tmp_path / "full", tmp_path / "split"
-    env = hook_env(tmp_path, 3, "self")
-    in_process(flags(world, full))
-    first = run_script(flags(world, split), env)
+    env, accum = hook_env(tmp_path, 3, "group"), ["--gradient_accumulation_steps", 2]
+    in_process(flags(world, full) + accum)
+    first = run_script(flags(world, split) + accum, env)
     assert first.returncode == PREEMPTED_EXIT, first.stdout[-2000:] + first.stderr[-2000:]
-    assert "stopped by SIGTERM after saving checkpoint-last.pth at optimizer step 3" in first.stdout
-    assert last_step(split) == 3 and sorted(read_losses(split)) == [1, 2, 3]
-    again = run_script(flags(world, split), env)
+    assert "stopped by SIGTERM after saving checkpoint-last.pth at optimizer step 2" in first.stdout
+    assert last_step(split) == 2 and sorted(read_losses(split)) == [1, 2]
+    again = run_script(flags(world, split) + accum, env)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "resumed from" in again.stdout
     assert_same_losses(full, split)
@@ -169,9 +171,11 @@ if __name__ == "__main__":
         calls[0] += 1
         if rank == "0" and at_call and calls[0] == int(at_call) and not os.path.exists(once):
             open(once, "w").close()
-            target = {"self": os.getpid(), "parent": os.getppid()}.get(os.environ["SIGNAL_TARGET"])
-            if target:
-                os.kill(target, signal.Signals[os.environ["SIGNAL"]])
+            sig, target = signal.Signals[os.environ["SIGNAL"]], os.environ["SIGNAL_TARGET"]
+            if target == "group":  # sent by another process, as by a scheduler
+                subprocess.run(["kill", f"-{sig.name[3:]}", "--", f"-{os.getpgrp()}"], start_new_session=True)
+            elif target == "parent":
+                os.kill(os.getppid(), sig)
         return forward(self, latents, labels)
 
     Transdiff.forward = signalling_forward

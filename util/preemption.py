@@ -30,6 +30,7 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _NOT_STOP_SIGNALS = ("SIGKILL", "SIGSTOP", "SIGALRM", "SIGCHLD")
 
 _received = []  # names of the stop signals received, in order
+_installed = []  # the stop signals handled
 
 
 class Preempted(Exception):
@@ -60,6 +61,7 @@ def install(signals):
     _received.clear()
     if threading.current_thread() is not threading.main_thread():
         return {}
+    _installed[:] = signals
     return {s: signal.signal(s, _on_signal) for s in signals}
 
 
@@ -67,6 +69,27 @@ def uninstall(old):
     for s, handler in old.items():
         signal.signal(s, handler)
     _received.clear()
+    _installed.clear()
+
+
+def ignore_stop_signals(worker_id=None):
+    """worker_init_fn of the data loaders. A scheduler or torchrun signals the whole process group, and a
+    torch loader worker dies of SIGTERM, which fails the rank it serves before that saves. So a worker leaves
+    the stop signals to a thread that ignores them, unless they come from the rank itself: that is how the
+    rank ends its workers (multiprocessing's terminate) when it cannot stop them otherwise."""
+    signals = set(_installed)
+    if not signals:
+        return
+    rank_pid = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+
+    def watch():
+        while True:
+            info = signal.sigwaitinfo(signals)
+            if info.si_pid == rank_pid:
+                os._exit(128 + info.si_signo)  # as the signal's default action would
+
+    threading.Thread(target=watch, name="stop-signals", daemon=True).start()
 
 
 def stop_requested():

@@ -33,8 +33,8 @@ from models.pretrained import (
 )
 from models.tokenizers import latents_from_moments, tokenizer_geometry
 from models.transdiff import build_model, check_label_range, compile_model
-from util import data, distributed
-from util.amp import autocast
+from util import data, distributed, preemption
+from util.amp import autocast, training_precision
 from util.checkpoint import (
     LAST,
     atomic_write,
@@ -67,6 +67,8 @@ class TrainState:
     train_seconds: float = 0.0  # wall time spent in optimizer steps (data loading included), summed over resumes
     epoch_loss_sum: float = 0.0  # over the optimizer steps of `epoch` so far, resumes included: the epoch's loss
     epoch_loss_steps: int = 0
+    skipped_steps: int = 0    # optimizer steps that loss scaling skipped (an fp16 overflow), resumes included
+    skipped_in_a_row: int = 0
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Run:
     writer: Any = None          # TensorBoard on rank 0
     rng_states: Any = None      # per-rank RNG states of the checkpoint resumed from
     sampling: SamplingSettings = field(default_factory=SamplingSettings)  # of its evaluations and reports
+    requests: Any = field(default_factory=preemption.StepRequests)  # stop / save, agreed by the ranks each step
 
     @property
     def epoch_samples(self):
@@ -136,12 +139,8 @@ def set_trainable(model, args):
 
 
 def amp_settings(args, device):
-    """bf16 autocast with --bf16; fp16 autocast + loss scaling by default on CUDA; fp32 elsewhere."""
-    if args.bf16:
-        return torch.bfloat16, torch.amp.GradScaler(device.type, enabled=False)
-    if device.type == "cuda":
-        return torch.float16, torch.amp.GradScaler("cuda")
-    return None, torch.amp.GradScaler(device.type, enabled=False)
+    """--amp (--bf16 is --amp bf16); by default fp16 autocast + loss scaling on CUDA, fp32 elsewhere."""
+    return training_precision(args.amp, device)
 
 
 @torch.no_grad()
@@ -233,7 +232,7 @@ def build_run(args, dist, tokenizer, writer):
                samples_per_step=args.eff_batch_size, steps_per_epoch=steps_per_epoch,
                metrics=MetricsLog(args.output_dir, resume_step=state.step) if dist.is_main else None,
                writer=writer if dist.is_main else None, rng_states=rng_states,
-               sampling=SamplingSettings.from_args(args))
+               sampling=SamplingSettings.from_args(args), requests=preemption.StepRequests(args.save_every_minutes))
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -321,6 +320,7 @@ def restore_rng_states(run):
 def save(run, epochs_done=None):
     """checkpoint-last.pth (and checkpoint-<epochs_done>.pth); collective: every rank must call it."""
     rng = all_gather_object(capture_rng(run.dist.device))
+    run.requests.saved()
     if not run.dist.is_main:
         return
     st = run.state
@@ -340,7 +340,9 @@ def train_step(run, micro_batches):
 
     Each loss is divided by the step count and DDP syncs gradients only on the last backward, so the update
     equals one step on the whole batch. Every rank agrees on finiteness before the update; a non-finite loss
-    raises the same error on all of them. Returns (loss averaged over ranks, gradient norm)."""
+    raises the same error on all of them, except under loss scaling (fp16), where the step is skipped
+    (`skip_overflowed_step`). The same all-reduce carries the ranks' stop and save requests (run.requests).
+    Returns (loss averaged over ranks, NaN for a skipped step; gradient norm)."""
     args, accum = run.args, run.args.gradient_accumulation_steps
     device = run.dist.device
     loss_sum = torch.zeros((), device=device)
@@ -357,17 +359,51 @@ def train_step(run, micro_batches):
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros((), device=device)
     flags = torch.stack([loss_sum / accum, (~torch.isfinite(loss_sum)).float(),
                          (~torch.isfinite(grad_norm)).float() * (not run.scaler.is_enabled())])
-    loss, bad_loss, bad_grad = all_reduce_sum(flags).tolist()
+    flags = torch.cat([flags, run.requests.local(device)])
+    loss, bad_loss, bad_grad, *asked = all_reduce_sum(flags).tolist()
+    run.requests.agree(asked)
+    if bad_loss and run.scaler.is_enabled():
+        skip_overflowed_step(run, int(bad_loss))
+        return math.nan, float(grad_norm)
     if bad_loss or bad_grad:
         what = f"non-finite loss on {int(bad_loss)} of {run.dist.world_size} ranks" if bad_loss else \
             "non-finite gradient norm"
         raise NonFiniteLossError(f"{what} at epoch {run.state.epoch}, optimizer step {run.state.step + 1}: "
                                  f"training stopped on every rank; the checkpoints on disk are untouched")
+    scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
+    if scale is not None and run.scaler.get_scale() < scale:  # the scaler skipped it: gradients overflowed
+        count_skipped_step(run, "non-finite gradients")
+        return loss / run.dist.world_size, float(grad_norm)
+    run.state.skipped_in_a_row = 0
     run.ema.update(run.raw)
     return loss / run.dist.world_size, float(grad_norm)
+
+
+def skip_overflowed_step(run, ranks):
+    """A non-finite loss under loss scaling: the forward pass overflowed in fp16. Skip the update and lower the
+    scale on every rank, as the scaler does for an overflow in the gradients."""
+    scaler = run.scaler
+    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+    scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": 0})  # growth counts from here, as after
+    run.optimizer.zero_grad(set_to_none=True)                               # any other skipped step
+    count_skipped_step(run, f"non-finite loss on {ranks} of {run.dist.world_size} ranks")
+
+
+def count_skipped_step(run, why):
+    """Count a step that loss scaling skipped; --max_skipped_steps of them in a row stop the run."""
+    st, limit = run.state, run.args.max_skipped_steps
+    st.skipped_steps += 1
+    st.skipped_in_a_row += 1
+    log.warning(f"optimizer step {st.step + 1} skipped ({why}): loss scale now {run.scaler.get_scale():g}, "
+                f"{st.skipped_in_a_row} skipped in a row, {st.skipped_steps} in all")
+    if st.skipped_in_a_row >= limit:
+        raise NonFiniteLossError(f"{st.skipped_in_a_row} optimizer steps in a row skipped under fp16 loss scaling "
+                                 f"(--max_skipped_steps {limit}), the last for {why}, at epoch {st.epoch}, optimizer "
+                                 f"step {st.step + 1}: the model overflows fp16; train with --bf16 (or --amp fp32). "
+                                 f"The checkpoints on disk are untouched")
 
 
 def train_one_epoch(run, epoch):
@@ -402,23 +438,32 @@ def train_one_epoch(run, epoch):
         st.step += 1
         st.samples_in_epoch += run.samples_per_step
         st.images_seen += run.samples_per_step * per_image
-        window.append(loss)
-        st.epoch_loss_sum += loss
-        st.epoch_loss_steps += 1
+        if math.isfinite(loss):  # a step skipped for an fp16 overflow has no loss to average
+            window.append(loss)
+            st.epoch_loss_sum += loss
+            st.epoch_loss_steps += 1
         bar.update(1)
         if st.step % args.log_freq == 0 or st.step == 1:
             dt = max(time.time() - t_window, 1e-9)
             row = {"step": st.step, "epoch": epoch + st.samples_in_epoch / run.epoch_samples,
-                   "loss": float(np.mean(window)), "lr": lr, "grad_norm": grad_norm,
+                   "loss": float(np.mean(window)) if window else None, "lr": lr, "grad_norm": grad_norm,
                    "images_per_sec": len(window) * run.samples_per_step * per_image / dt,
                    "kimg": st.images_seen / 1000}
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+            if run.scaler.is_enabled():
+                row.update(loss_scale=run.scaler.get_scale(), skipped_steps=st.skipped_steps)
+            bar.set_postfix(loss=f"{math.nan if row['loss'] is None else row['loss']:.4f}", lr=f"{lr:.2e}")
             if run.dist.is_main:
                 run.metrics.write(row)
-                for k in ("loss", "lr", "grad_norm", "images_per_sec"):
-                    run.writer.add_scalar(f"train/{k}", row[k], st.step)
+                for k in ("loss", "lr", "grad_norm", "images_per_sec", "loss_scale", "skipped_steps"):
+                    if row.get(k) is not None:
+                        run.writer.add_scalar(f"train/{k}", row[k], st.step)
             window, t_window = [], time.time()
-        if args.save_every_steps and st.step % args.save_every_steps == 0:
+        if run.requests.stop:
+            bar.close()
+            log.info(f"stop requested ({preemption.stop_reason()}): saving after optimizer step {st.step}")
+            save(run)
+            return False
+        if (args.save_every_steps and st.step % args.save_every_steps == 0) or run.requests.save:
             save(run)
         if args.max_train_steps and st.step >= args.max_train_steps:
             bar.close()
@@ -468,6 +513,11 @@ def train(args, dist, tokenizer, writer):
                          f"IS {metrics.get('inception_score_mean')}")
     if run.metrics:
         run.metrics.close()
+    if run.requests.stop:
+        note = (f"stopped by {preemption.stop_reason()} after saving {LAST} at optimizer step {run.state.step}: "
+                f"run the same command again to continue")
+        log.info(note)
+        raise preemption.Preempted(note)
     return run
 
 

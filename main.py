@@ -8,6 +8,7 @@ Running the same command again resumes from --output_dir; see README.md for --re
 """
 import argparse
 import os
+import socket
 import sys
 
 # Before torch loads OpenMP: idle threads sleep instead of spinning, so that on a CPU shared with other work
@@ -23,9 +24,10 @@ from models import tokenizers
 from models.pretrained import CheckpointError, resolve_checkpoint_path
 from models.tokenizers import add_tokenizer_args, build_tokenizer, check_tokenizer_args
 from models.transdiff import MODEL_SIZES, build_model
-from util import data, runlock
+from util import data, preemption, runlock
+from util.amp import DTYPES
 from util.checkpoint import LAST, save_json, seed_everything
-from util.distributed import barrier, cleanup, init_distributed
+from util.distributed import all_gather_object, barrier, cleanup, init_distributed
 from util.errors import (
     LOG_NAME,
     USER_ERROR_EXIT,
@@ -36,7 +38,7 @@ from util.errors import (
     report_once,
 )
 from util.evaluation import SamplingSettings, parse_cfg, resolve_fid_reference
-from util.logger import setup_logger, tensorboard_writer
+from util.logger import record_start, setup_logger, tensorboard_writer
 from util.precision import set_tf32
 
 PROG = os.path.basename(__file__)
@@ -80,9 +82,13 @@ def get_args_parser():
     a("--grad_clip", type=float, default=3.0, help="max gradient norm (0: no clipping)")
     a("--ema_rate", type=float, default=0.9999)
     a("--gradient_accumulation_steps", type=int, default=1)
-    a("--bf16", action="store_true", help="bf16 autocast (default on CUDA: fp16 with loss scaling)")
+    a("--bf16", action="store_true", help="bf16 autocast: the same as --amp bf16")
     a("--compile", action="store_true", help="torch.compile the training forward (with --evaluate: the "
                                              "sampling networks); the first steps take longer while it compiles")
+    a("--amp", default=None, choices=["fp16", "bf16", "fp32"],
+      help="autocast of the training steps; fp16 scales the loss (default: fp16 on CUDA, fp32 on CPU)")
+    a("--max_skipped_steps", type=int, default=50,
+      help="under fp16, stop after this many optimizer steps in a row skipped for an overflow")
     a("--only_train_diff", action="store_true", help="freeze the AR encoder, train the diffusion decoder")
     a("--seed", type=int, default=SAMPLING.seed)
     a = p.add_argument_group("data").add_argument
@@ -107,6 +113,10 @@ def get_args_parser():
     a("--save_last_freq", type=int, default=5, help="epochs between checkpoint-last.pth saves")
     a("--save_every_steps", type=int, default=0, help="also save checkpoint-last.pth every N optimizer steps")
     a("--max_train_steps", type=int, default=None, help="stop (after saving) at this many optimizer steps")
+    a("--save_every_minutes", type=float, default=0, help="also save checkpoint-last.pth every N minutes (0: never)")
+    a("--stop_signals", default=preemption.DEFAULT_STOP_SIGNALS,
+      help=f"signals on which every rank finishes its optimizer step, saves checkpoint-last.pth and exits with "
+           f"code {preemption.PREEMPTED_EXIT} (docs/cluster.md)")
     a("--log_freq", type=int, default=20, help="optimizer steps between metric logs")
     a = p.add_argument_group("evaluation").add_argument
     a("--evaluate", action="store_true", help="evaluate the checkpoint of --resume (or --output_dir) and exit")
@@ -174,6 +184,15 @@ def check_args(parser, args):
         need(value is None or value >= 0, f"--{name} {value} must not be negative")
     for name in ("label_drop_prob", "attn_dropout", "proj_dropout"):
         need(0.0 <= getattr(args, name) < 1.0, f"--{name} must lie in [0, 1)")
+    need(args.save_every_minutes >= 0 and args.max_skipped_steps >= 1,
+         "--save_every_minutes must not be negative and --max_skipped_steps must be at least 1")
+    need(not args.bf16 or args.amp in (None, "bf16"), f"--bf16 is --amp bf16, but --amp {args.amp} is given too")
+    args.amp = "bf16" if args.bf16 else args.amp
+    args.bf16 = DTYPES[args.amp] == torch.bfloat16
+    try:
+        preemption.parse_signals(args.stop_signals)
+    except ValueError as e:
+        parser.error(f"--stop_signals: {e}")
     need(args.min_lr is None or args.lr_schedule == "cosine", "--min_lr only applies to --lr_schedule cosine")
     need(0.0 <= args.ema_rate < 1.0, "--ema_rate must lie in [0, 1)")
     need(args.device != "cuda" or torch.cuda.is_available(), "--device cuda, but no CUDA device is visible")
@@ -251,6 +270,8 @@ def main(args):
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    handlers = {} if args.evaluate else preemption.install(preemption.parse_signals(args.stop_signals))
+    preemption.end_with_launcher()
     dist = init_distributed(args.device)
     set_tf32()
     writer = lock = None
@@ -264,7 +285,10 @@ def main(args):
                  f"{torch.get_num_threads()} threads per process")
         for note in STARTUP_NOTES + notes:
             log.info(note)
+        hosts = all_gather_object(socket.gethostname())
         if dist.is_main:
+            if not args.evaluate:
+                record_start(args.output_dir, args, dist.world_size, hosts)
             save_json(os.path.join(args.output_dir, "eval_args.json" if args.evaluate else "args.json"), vars(args))
             writer = tensorboard_writer(args.log_dir or args.output_dir)
         tokenizer = build_tokenizer(args).to(dist.device)
@@ -290,6 +314,7 @@ def main(args):
             writer.close()
         runlock.release(lock)
         cleanup()
+        preemption.uninstall(handlers)
         torch.set_num_threads(threads)  # as it was, for a caller in the same process (tests, a notebook)
 
 
@@ -307,6 +332,8 @@ def cli(argv=None):
             main(args)
         except engine.NonFiniteLossError:
             sys.exit(1)  # already reported by main
+        except preemption.Preempted:
+            sys.exit(preemption.PREEMPTED_EXIT)  # logged by the engine; checkpoint-last.pth holds the position
 
 
 if __name__ == "__main__":

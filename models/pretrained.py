@@ -78,9 +78,10 @@ def resolve_checkpoint_path(path, step=None):
     return path
 
 
-def read_checkpoint(path, step=None, map_location="cpu"):
+def read_checkpoint(path, step=None, map_location="cpu", mmap=True):
     """Load a checkpoint dict from a file or run folder, with one clear error for unreadable files. An export
-    (`.safetensors`) reads as a dict of its one set of weights under `model`, without pickle (`read_export`)."""
+    (`.safetensors`) reads as a dict of its one set of weights under `model`, without pickle (`read_export`).
+    `mmap`: map the file rather than read it into memory (`_load_mapped`)."""
     if is_export(path):
         return read_export(path)
     file = resolve_checkpoint_path(path, step)
@@ -90,7 +91,7 @@ def read_checkpoint(path, step=None, map_location="cpu"):
     try:
         # Released checkpoints pickle their argparse.Namespace of arguments; allow exactly that.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(file, map_location=map_location, weights_only=True)
+            ckpt = _load_mapped(file, map_location, mmap)
     except Exception as e:  # truncated file, not a torch file, foreign pickled objects
         why = (str(e).strip().splitlines() or ["no message"])[0]
         raise CheckpointError(f"cannot read checkpoint {file}: {type(e).__name__}: {why} "
@@ -99,6 +100,18 @@ def read_checkpoint(path, step=None, map_location="cpu"):
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt["model"], dict):
         raise CheckpointError(f"{file} is not a TransDiff checkpoint: expected a dict with a 'model' state dict")
     return ckpt
+
+
+def _load_mapped(file, map_location, mmap=True):
+    """torch.load with mmap: the tensors stay pages of the file until copied into the model and optimizer, so
+    the ranks of a node share one copy in the page cache instead of each reading the whole file into its own
+    memory. A file in the pre-zip format (torch < 1.6) cannot be mapped and is read whole."""
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
+    except RuntimeError as e:
+        if "_use_new_zipfile_serialization" not in str(e):
+            raise
+        return torch.load(file, map_location=map_location, weights_only=True)
 
 
 def checkpoint_args(ckpt):

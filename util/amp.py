@@ -22,3 +22,12 @@ def autocast(device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def training_precision(amp, device):
+    """(autocast dtype, GradScaler) for --amp fp16|bf16|fp32. None: the published default, fp16 autocast with
+    loss scaling on CUDA, fp32 elsewhere. fp16 scales the loss on any device (on CPU too, so that its
+    overflow handling runs where there is no GPU); bf16 and fp32 need no scaling."""
+    device = torch.device(device)
+    dtype = dtype_from_name(amp if amp is not None else "fp16" if device.type == "cuda" else "fp32")
+    return dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

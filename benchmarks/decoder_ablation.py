@@ -17,6 +17,10 @@ import time
 from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from util.cli import HelpFormatter  # noqa: E402
+
 HEADS = ("transformer", "mlp")
 
 
@@ -45,9 +49,10 @@ def side_by_side(paths, labels, dest):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="digits", choices=["digits", "digits_mrar"])
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "decoder_ablation"))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--preset", default="digits", choices=["digits", "digits_mrar"], help="main.py preset of both runs")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "decoder_ablation"),
+                   help="folder of the two runs and the summary (default: benchmarks/results/decoder_ablation)")
     args, extra = p.parse_known_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results = {}

@@ -19,7 +19,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from models.tokenizers import TOKENIZER_ARGS, build_tokenizer, tokenizer_geometry, tokenizer_needs_weights
+from models.tokenizers import (
+    DEFAULT_VAE_PATH,
+    TOKENIZER_ARGS,
+    build_tokenizer,
+    tokenizer_geometry,
+    tokenizer_needs_weights,
+)
 from models.transdiff import MODEL_SIZES, Transdiff
 from util.checkpoint import LAST, atomic_write
 from util.errors import UserError
@@ -27,7 +33,6 @@ from util.errors import UserError
 _MRAR_DEFAULTS = {k: inspect.signature(Transdiff).parameters[k].default for k in ("mrar_images", "mrar_ref_patch")}
 EXPORT_SUFFIX = ".safetensors"
 EXPORT_FORMAT = "transdiff-inference-1"
-DEFAULT_VAE_PATH = "ckpt/vae/kl16.ckpt"  # where README.md puts the released KL-16 VAE
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The paper's sampling settings (cfg, scale_0, scale_1) of each released model, by (size, MRAR, pixels): the

@@ -46,7 +46,7 @@ GRID_NAME, REPORT_NAME = "samples_grid.png", "digits_quality.json"
 # and 16 tokens keep both modes at the same cost per image). The model is tiny, so that data, training and
 # report together take under 10 minutes on 2 CPU cores (README.md gives the measured figures). A short run wants
 # a high learning rate and no dropout. These runs are far from converged, so quality follows the number of
-# updates: the presets spend their budget on more, smaller updates (batch 64 and one noise draw per image: 5,520
+# updates: the presets spend their minutes on more, smaller updates (batch 64 and one noise draw per image: 5,520
 # steps; MRAR: 32 rows) and train on one thread, which is as fast as two for a model this small, while a data
 # worker decodes the next batch on the other core (README, "Quality at small scale"). Each preset's cfg is the
 # one with the lowest FD among those whose digits the judge reads >= 95% right (higher cfg: more readable, less

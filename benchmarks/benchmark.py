@@ -1,4 +1,4 @@
-"""Speed benchmark of TransDiff sampling and training (GitHub issue #6).
+"""Speed benchmark of TransDiff sampling and training: what users wait for.
 
 Measures, for any registered model size (with optional depth/width overrides), batch, number of steps, cfg,
 dtype and device:

@@ -1,4 +1,4 @@
-"""Transformer decoder vs MAR-style per-token MLP head, on the digits quick-start preset with the same budget.
+"""Transformer decoder vs MAR-style per-token MLP head, on the digits quick-start preset, trained alike.
 
     python benchmarks/decoder_ablation.py [--preset digits] [--out benchmarks/results/decoder_ablation]
 
@@ -63,7 +63,7 @@ def main(argv=None):
                          "wall_seconds_this_call": round(wall, 1), "run_dir": os.path.relpath(run_dir, ROOT),
                          "report": report}
     summary = {"preset": args.preset, "extra_args": extra, "heads": results,
-               "note": "same preset budget and seed for both heads; only --decoder differs"}
+               "note": "same preset (epochs, steps) and seed for both heads; only --decoder differs"}
     with open(os.path.join(args.out, "decoder_ablation.json"), "w") as f:
         json.dump(summary, f, indent=2)
     side_by_side([os.path.join(args.out, f"{args.preset}-{h}", "samples_grid.png") for h in HEADS],

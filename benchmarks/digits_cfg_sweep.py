@@ -1,4 +1,4 @@
-"""Quality as papers measure it, at the quick start's scale (issue #13): a guidance sweep of both digits presets
+"""Quality as papers measure it, at the quick start's scale: a guidance sweep of both digits presets
 and the paper's MRAR recipe (MRAR fine-tuned from the 1-Step model) against the 1-Step model trained on for the
 same extra optimizer steps and against MRAR from scratch.
 
@@ -83,7 +83,7 @@ def point_dir(folder, cfg, steps=None):
 
 # ------------------------------------------------------------------ the jobs
 def train_command(name):
-    """main.py command line of run `name`; digits_more's step budget comes from the finished fine-tuning."""
+    """main.py command line of run `name`; digits_more's number of steps comes from the finished fine-tuning."""
     flags = list(RUNS[name][1])
     if name == "digits_more":
         base = digits.read_report(run_dir(BASE))["training"]

@@ -1,4 +1,4 @@
-"""The quick start's quality bar (issue #5): run each digits preset of main.py from nothing, as a newcomer
+"""The quick start's quality check: run each digits preset of main.py from nothing, as a newcomer
 would, and check that a classifier trained on held-out real digits reads at least --min_accuracy of the
 generated digits as the class asked for, at the preset's sampling settings.
 

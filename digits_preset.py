@@ -44,11 +44,11 @@ GRID_NAME, REPORT_NAME = "samples_grid.png", "digits_quality.json"
 # main.py flag defaults of each preset (flags given on the command line win). 32 px digits are 4 x 4 tokens of
 # 8 x 8 grey pixels (not 8 x 8 tokens grouped by --patch_size 2: MRAR decodes single latent cells, as released,
 # and 16 tokens keep both modes at the same cost per image). The model is tiny, so that data, training and
-# report together take under 10 minutes on 2 CPU cores (README.md gives the measured figures). A short run wants
+# report together take under 10 minutes on 2 CPU cores (measured: docs/quick_start.md). A short run wants
 # a high learning rate and no dropout. These runs are far from converged, so quality follows the number of
 # updates: the presets spend their minutes on more, smaller updates (batch 64 and one noise draw per image: 5,520
 # steps; MRAR: 32 rows) and train on one thread, which is as fast as two for a model this small, while a data
-# worker decodes the next batch on the other core (README, "Quality at small scale"). Each preset's cfg is the
+# worker decodes the next batch on the other core (docs/quality_small_scale.md). Each preset's cfg is the
 # one with the lowest FD among those whose digits the judge reads >= 95% right (higher cfg: more readable, less
 # diverse digits).
 _COMMON = dict(

@@ -4,6 +4,7 @@ import argparse
 import json
 import runpy
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +192,12 @@ def test_sample_labels_flag_writes_a_labelled_grid(tmp_path):
     with Image.open(plain) as p, Image.open(labelled) as q:
         top, left = grid_offset(np.asarray(q), np.asarray(p))
         assert top > 0 and left > 0
+
+
+def test_demo_notebook_is_stored_with_a_labelled_grid_and_no_warning():
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(str(Path(__file__).resolve().parents[1] / "demo.ipynb"), as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "demo.ipynb is stored without its grid"
+    assert not [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr"], "a warning or error"
+    assert any("1-Step model at 32 px, 10 classes" in o.get("text", "") for o in outputs)

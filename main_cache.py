@@ -17,6 +17,7 @@ import engine_transdiff as engine
 from models import tokenizers
 from models.tokenizers import FINGERPRINT_NAME, add_tokenizer_args, build_tokenizer, check_tokenizer_args
 from util import data, runlock
+from util.cli import HelpFormatter
 from util.distributed import all_reduce_sum, barrier, cleanup, init_distributed
 from util.errors import OneLineParser, exit_on_user_error
 from util.logger import setup_logger
@@ -25,16 +26,19 @@ PROG = os.path.basename(__file__)
 
 
 def get_args_parser():
-    p = OneLineParser(PROG, description="Cache VAE latents (image and mirror moments)", allow_abbrev=False)
-    p.add_argument("--img_size", type=int, default=256)
-    add_tokenizer_args(p.add_argument)
-    p.add_argument("--batch_size", type=int, default=128, help="images per process and batch")
-    p.add_argument("--data_path", default="./data/imagenet", help="ImageNet root holding train/ (or an ImageFolder)")
-    p.add_argument("--cached_path", required=True)
-    p.add_argument("--num_workers", type=int, default=None, help="loader processes per process (default: 10, at "
-                                                                 "most the CPU cores per process)")
-    p.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p = OneLineParser(PROG, description="Cache VAE latents (image and mirror moments)", allow_abbrev=False,
+                      formatter_class=HelpFormatter)
+    a = p.add_argument_group("model").add_argument
+    a("--img_size", type=int, default=256, help="image side in pixels (the training run's --img_size)")
+    add_tokenizer_args(a)
+    a = p.add_argument_group("data").add_argument
+    a("--data_path", default="./data/imagenet", help="ImageNet root holding train/ (or an ImageFolder)")
+    a("--cached_path", required=True, help="output folder: one .npz per image, the source tree's layout")
+    a("--batch_size", type=int, default=128, help="images per process and batch")
+    a("--num_workers", type=int, default=None, help="data loader workers per process (default: 10, at most the "
+                                                    "CPU cores per process)")
+    a("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="page-locked batches on CUDA")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
     return p
 
 

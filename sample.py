@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffusion.samplers import SAMPLERS
 from models.pretrained import (
+    DEFAULT_VAE_PATH,
     FIRST_RELEASE_SAMPLING,
     checkpoint_args,
     load_tokenizer,
@@ -27,36 +29,52 @@ from models.pretrained import (
 )
 from models.transdiff import compile_model
 from util.amp import DTYPES, autocast
+from util.cli import HelpFormatter
 from util.errors import OneLineParser, UserError
-from util.evaluation import SamplingSettings, grid, image_seed, latent_scale, parse_cfg, save_png, to_uint8
+from util.evaluation import (
+    SamplingSettings,
+    grid,
+    grid_title,
+    image_seed,
+    labelled_grid,
+    latent_scale,
+    parse_cfg,
+    save_png,
+    to_uint8,
+)
 from util.precision import set_tf32
 
 SETTINGS = ("cfg", "scale_0", "scale_1", "num_sampling_steps", "sampler")
+RUNS = " (default: the published value, else the run's)"
 
 
 def get_args_parser():
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--resume", required=True, help="run folder, checkpoint-*.pth or .safetensors export")
-    p.add_argument("--classes", type=int, nargs="+", required=True, help="class ids, one grid row each")
-    p.add_argument("--per_class", type=int, default=4, help="images per class (grid columns)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.png", help="the grid PNG")
-    p.add_argument("--save_dir", default=None, help="also write each image as <index>-class<c>-seed<seed>.png here")
-    a = p.add_argument_group("sampler (default: the published settings of a released model, else the run's)")
-    a.add_argument("--cfg", type=parse_cfg, default=None, help="one number, or four comma-separated (MRAR)")
-    a.add_argument("--scale_0", type=float, default=None, help="drift scale")
-    a.add_argument("--scale_1", type=float, default=None, help="noise scale")
-    a.add_argument("--num_sampling_steps", "--steps", type=int, default=None)
-    a.add_argument("--sampler", default=None)
     p.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
     p.add_argument("--load_step", default=None, help="checkpoint-<step>.pth of a run folder instead of the last")
-    p.add_argument("--vae_path", default=None, help="KL-16 VAE weights (default: the run's, else ckpt/vae/kl16.ckpt)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="autocast dtype (default: bf16 on CUDA, fp32 on CPU; docs/evaluation.md)")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder network and the encoder blocks "
-                                                         "(the first batch takes longer while it compiles)")
+    p.add_argument("--vae_path", default=None, help=f"KL-16 VAE weights (default: the run's, else {DEFAULT_VAE_PATH})")
+    a = p.add_argument_group("images").add_argument
+    a("--classes", type=int, nargs="+", required=True, help="class ids, one grid row each")
+    a("--per_class", type=int, default=4, help="images per class (grid columns)")
+    a("--seed", type=int, default=0, help="image i is seeded from (seed, i), whatever the batch size")
+    a("--out", default="samples.png", help="the grid PNG")
+    a("--labels", action="store_true", help="write each row's class beside it and the settings above the grid")
+    a("--save_dir", default=None, help="also write each image as <index>-class<c>-seed<seed>.png here")
+    a = p.add_argument_group("sampler (default: the published settings of a released model, else the run's)")
+    a = a.add_argument
+    a("--cfg", type=parse_cfg, default=None, help="guidance: one number, or four comma-separated (MRAR)" + RUNS)
+    a("--scale_0", type=float, default=None, help="drift scale" + RUNS)
+    a("--scale_1", type=float, default=None, help="noise scale" + RUNS)
+    a("--num_sampling_steps", "--steps", type=int, default=None, help="network evaluations per image" + RUNS)
+    a("--sampler", default=None, choices=SAMPLERS, help="Euler-Maruyama SDE (published), or Euler / Heun ODE" + RUNS)
+    a = p.add_argument_group("device").add_argument
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to sample")
+    a("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+      help="autocast dtype (default: bf16 on CUDA, fp32 on CPU; docs/evaluation.md)")
+    a("--batch_size", type=int, default=32, help="images per sampling batch")
+    a("--compile", action="store_true", help="torch.compile the decoder network and the encoder blocks "
+                                             "(the first batch takes longer while it compiles)")
     return p
 
 
@@ -104,12 +122,15 @@ def sample_images(model, tokenizer, labels, settings, seed=0, batch_size=32, dty
     return np.concatenate(out)
 
 
-def sample_grid(model, tokenizer, classes, per_class, settings, seed=0, batch_size=32, dtype=None, progress=True):
+def sample_grid(model, tokenizer, classes, per_class, settings, seed=0, batch_size=32, dtype=None, progress=True,
+                title=None):
     """(images, grid): `per_class` images of each of `classes` (uint8, N x H x W x 3, class-major) and the PIL
-    grid with one row per class."""
+    grid with one row per class; given a `title` (util.evaluation.grid_title), each row is labelled with its class."""
     labels = torch.as_tensor(classes, dtype=torch.int64).repeat_interleave(per_class)
     images = sample_images(model, tokenizer, labels, settings, seed, batch_size, dtype, progress)
-    return images, grid(images, len(classes), per_class)
+    if title is None:
+        return images, grid(images, len(classes), per_class)
+    return images, labelled_grid(images, classes, per_class, title)
 
 
 def image_name(index, label, seed):
@@ -140,8 +161,10 @@ def main(argv=None):
 
     dtype = SamplingSettings(dtype=args.dtype).for_device(device).dtype
     print(f"sampling in {dtype or 'fp32'}")
+    epochs = ckpt.get("epoch") if isinstance(ckpt, dict) else None
+    title = grid_title(model.mrar, settings, epochs, not args.raw, args.seed) if args.labels else None
     images, picture = sample_grid(model, tokenizer, args.classes, args.per_class, settings, args.seed, args.batch_size,
-                                  DTYPES[dtype])
+                                  DTYPES[dtype], title=title)
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     picture.save(args.out)

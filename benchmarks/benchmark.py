@@ -1,4 +1,4 @@
-"""Speed benchmark of TransDiff sampling and training (GitHub issue #6).
+"""Speed benchmark of TransDiff sampling and training: what users wait for.
 
 Measures, for any registered model size (with optional depth/width overrides), batch, number of steps, cfg,
 dtype and device:
@@ -40,6 +40,7 @@ from models import fused  # noqa: E402
 from models.diffdecoder import DecoderNet  # noqa: E402
 from models.transdiff import MODEL_SIZES, build_model  # noqa: E402
 from util.amp import autocast  # noqa: E402
+from util.cli import HelpFormatter  # noqa: E402
 from util.precision import set_tf32  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -313,23 +314,23 @@ def bench_training(args, model, device, dtype):
 # ------------------------------------------------------------------------------------------------------ main
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="transdiff_base", choices=sorted(MODEL_SIZES))
+                                formatter_class=HelpFormatter)
+    p.add_argument("--model", default="transdiff_base", choices=sorted(MODEL_SIZES), help="model size")
     p.add_argument("--encoder_depth", type=int, default=None, help="override (released: pairs of blocks)")
     p.add_argument("--decoder_depth", type=int, default=None, help="override the number of decoder blocks")
     p.add_argument("--decoder_embed_dim", type=int, default=None, help="override the decoder width W")
-    p.add_argument("--decoder_heads", type=int, default=None)
-    p.add_argument("--img_size", type=int, default=256)
-    p.add_argument("--class_num", type=int, default=1000)
+    p.add_argument("--decoder_heads", type=int, default=None, help="override the decoder heads")
+    p.add_argument("--img_size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--class_num", type=int, default=1000, help="number of classes")
     p.add_argument("--batch", type=int, default=4, help="images per sampling batch (doubled under cfg)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=1.3)
-    p.add_argument("--scale_0", type=float, default=0.87)
-    p.add_argument("--scale_1", type=float, default=0.91)
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--cfg", type=float, default=1.3, help="guidance scale (1: no unconditional half)")
+    p.add_argument("--scale_0", type=float, default=0.87, help="sampler drift scale")
+    p.add_argument("--scale_1", type=float, default=0.91, help="sampler noise scale")
     p.add_argument("--per_sample_generators", action="store_true",
                    help="one torch.Generator per sample (the world-size-invariant evaluation mode)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32: none)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where to run")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder and the encoder blocks")
     p.add_argument("--no_onednn", action="store_true",
@@ -343,12 +344,12 @@ def get_args_parser():
     p.add_argument("--compare_cache", action="store_true",
                    help="also time sampling that recomputes the conditions' keys/values every step")
     p.add_argument("--full", action="store_true", help="also time model.samples (encoder + decoder)")
-    p.add_argument("--no_sampling", action="store_true")
+    p.add_argument("--no_sampling", action="store_true", help="do not time sampling")
     p.add_argument("--train", action="store_true", help="also time training steps")
     p.add_argument("--train_batch", type=int, default=8, help="images per training step (per device)")
     p.add_argument("--batch_mul", type=int, default=4, help="diffusion_batch_mul for training")
-    p.add_argument("--grad_checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad_checkpointing", action="store_true", help="training: recompute activations")
+    p.add_argument("--seed", type=int, default=0, help="weights, labels and noise")
     p.add_argument("--out", default=None, help="JSON file for the results")
     return p
 

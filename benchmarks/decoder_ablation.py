@@ -1,4 +1,4 @@
-"""Transformer decoder vs MAR-style per-token MLP head, on the digits quick-start preset with the same budget.
+"""Transformer decoder vs MAR-style per-token MLP head, on the digits quick-start preset, trained alike.
 
     python benchmarks/decoder_ablation.py [--preset digits] [--out benchmarks/results/decoder_ablation]
 
@@ -17,6 +17,10 @@ import time
 from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from util.cli import HelpFormatter  # noqa: E402
+
 HEADS = ("transformer", "mlp")
 
 
@@ -45,9 +49,10 @@ def side_by_side(paths, labels, dest):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="digits", choices=["digits", "digits_mrar"])
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "decoder_ablation"))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--preset", default="digits", choices=["digits", "digits_mrar"], help="main.py preset of both runs")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "decoder_ablation"),
+                   help="folder of the two runs and the summary (default: benchmarks/results/decoder_ablation)")
     args, extra = p.parse_known_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results = {}
@@ -58,7 +63,7 @@ def main(argv=None):
                          "wall_seconds_this_call": round(wall, 1), "run_dir": os.path.relpath(run_dir, ROOT),
                          "report": report}
     summary = {"preset": args.preset, "extra_args": extra, "heads": results,
-               "note": "same preset budget and seed for both heads; only --decoder differs"}
+               "note": "same preset (epochs, steps) and seed for both heads; only --decoder differs"}
     with open(os.path.join(args.out, "decoder_ablation.json"), "w") as f:
         json.dump(summary, f, indent=2)
     side_by_side([os.path.join(args.out, f"{args.preset}-{h}", "samples_grid.png") for h in HEADS],

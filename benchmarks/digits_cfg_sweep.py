@@ -1,4 +1,4 @@
-"""Quality as papers measure it, at the quick start's scale (issue #13): a guidance sweep of both digits presets
+"""Quality as papers measure it, at the quick start's scale: a guidance sweep of both digits presets
 and the paper's MRAR recipe (MRAR fine-tuned from the 1-Step model) against the 1-Step model trained on for the
 same extra optimizer steps and against MRAR from scratch.
 
@@ -42,6 +42,7 @@ import digits_preset as digits  # noqa: E402
 from benchmarks.digits_quality import machine  # noqa: E402
 from models.pretrained import checkpoint_args, load_tokenizer, load_transdiff  # noqa: E402
 from util.checkpoint import save_json  # noqa: E402
+from util.cli import HelpFormatter  # noqa: E402
 
 SWEEP_CFGS = (1.0, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0, 6.0)  # the presets' curve, finer where the best points lie
 # The comparison runs are swept where the presets' curves put the best point
@@ -82,7 +83,7 @@ def point_dir(folder, cfg, steps=None):
 
 # ------------------------------------------------------------------ the jobs
 def train_command(name):
-    """main.py command line of run `name`; digits_more's step budget comes from the finished fine-tuning."""
+    """main.py command line of run `name`; digits_more's number of steps comes from the finished fine-tuning."""
     flags = list(RUNS[name][1])
     if name == "digits_more":
         base = digits.read_report(run_dir(BASE))["training"]
@@ -279,13 +280,15 @@ def collect(seconds):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_cfg_sweep.json"))
-    p.add_argument("--plot", default=os.path.join(ROOT, "docs", "digits_cfg_sweep.png"))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_cfg_sweep.json"),
+                   help="results JSON (default: benchmarks/results/digits_cfg_sweep.json)")
+    p.add_argument("--plot", default=os.path.join(ROOT, "docs", "digits_cfg_sweep.png"),
+                   help="accuracy and FD against cfg (default: docs/digits_cfg_sweep.png; needs matplotlib)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="runs and sweeps at a time, one thread each (default: 2, or 1 on a 1-core machine)")
     p.add_argument("--run", help="instead of the sweep: report this finished run folder at --cfgs")
-    p.add_argument("--cfgs", type=float, nargs="+", default=[1.5, 2.0])
+    p.add_argument("--cfgs", type=float, nargs="+", default=[1.5, 2.0], help="with --run: guidance scales to report")
     p.add_argument("--steps", type=int, help="with --run: sampler steps (default: the run's)")
     p.add_argument("--threads", type=int, default=None, help="with --run: torch threads (default: torch's)")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The quick start's quality bar (issue #5): run each digits preset of main.py from nothing, as a newcomer
+"""The quick start's quality check: run each digits preset of main.py from nothing, as a newcomer
 would, and check that a classifier trained on held-out real digits reads at least --min_accuracy of the
 generated digits as the class asked for, at the preset's sampling settings.
 
@@ -27,8 +27,9 @@ sys.path.insert(0, ROOT)
 
 import digits_preset as digits  # noqa: E402
 from util.checkpoint import save_json  # noqa: E402
+from util.cli import HelpFormatter, shown_path  # noqa: E402
 
-TIME_LIMIT_S = 600  # the issue's budget for one preset command on a 2-core CPU
+TIME_LIMIT_S = 600  # what the quick start may take on a 2-core CPU: ten minutes
 
 
 def machine():
@@ -59,16 +60,17 @@ def run_preset(name, work, extra):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     from_scratch = [n for n, preset in digits.PRESETS.items() if not preset.get("resume")]  # the fine-tuning
     # preset starts from another run: benchmarks/digits_cfg_sweep.py runs it after its base
-    p.add_argument("--presets", nargs="+", default=from_scratch, choices=from_scratch)
+    p.add_argument("--presets", nargs="+", default=from_scratch, choices=from_scratch, help="presets to run")
     p.add_argument("--reuse", action="append", default=[], metavar="PRESET=RUN_DIR",
                    help="read the report of this finished run instead of running the preset")
     p.add_argument("--work_dir", default=None, help="where fresh runs go (default: a new temporary folder)")
     p.add_argument("--in_place", action="store_true", help="run the README commands into the presets' folders")
-    p.add_argument("--min_accuracy", type=float, default=0.9)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_quality.json"))
+    p.add_argument("--min_accuracy", type=float, default=0.9, help="a preset passes at this classifier accuracy")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_quality.json"),
+                   help="results JSON (default: benchmarks/results/digits_quality.json)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more main.py flags for fresh runs")
     args = p.parse_args(argv)
     reuse = dict(r.split("=", 1) for r in args.reuse)
@@ -86,7 +88,7 @@ def main(argv=None):
         ok &= passed
         wall = timing["wall_seconds"]
         results[name] = {**timing, "within_time_limit": None if wall is None else wall < TIME_LIMIT_S,
-                         "passed": passed, "run_dir": os.path.abspath(run_dir),
+                         "passed": passed, "run_dir": shown_path(run_dir),
                          **{k: report[k] for k in ("mode", "accuracy", "per_class", "num_images", "judge",
                                                    "diversity", "sampling", "training", "generation_seconds")}}
         print(f"{name}: accuracy {report['accuracy']} ({'ok' if passed else 'BELOW ' + str(args.min_accuracy)}), "

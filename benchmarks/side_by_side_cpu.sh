@@ -1,5 +1,5 @@
 #!/bin/sh
-# Speed against the released TransDiff on CPU (issue 15): ../shared/bench/side_by_side.py at the script's
+# Speed against the released TransDiff on CPU: ../shared/bench/side_by_side.py at the script's
 # default configuration and at width 768 / 12 heads, 1 and 2 threads, each writing its JSON to
 # benchmarks/results/side_by_side_cpu_w<width>_t<threads>.json. Run from the project root; needs `diffusers`
 # for the released code. SIDE_BY_SIDE (the script), REPEATS (paired rounds, default 5) and CONFIGS

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from models.tokenizers import (
+    DEFAULT_VAE_PATH,
     RUN_FINGERPRINT_KEYS,
     TOKENIZER_ARGS,
     build_tokenizer,
@@ -34,7 +35,6 @@ from util.errors import UserError
 _MRAR_DEFAULTS = {k: inspect.signature(Transdiff).parameters[k].default for k in ("mrar_images", "mrar_ref_patch")}
 EXPORT_SUFFIX = ".safetensors"
 EXPORT_FORMAT = "transdiff-inference-1"
-DEFAULT_VAE_PATH = "ckpt/vae/kl16.ckpt"  # where README.md puts the released KL-16 VAE
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The paper's sampling settings (cfg, scale_0, scale_1) of each released model, by (size, MRAR, pixels): the

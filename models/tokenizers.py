@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from models.vae import AutoencoderKL, DiagonalGaussianDistribution
 from util.checkpoint import file_sha256, save_json
 
+DEFAULT_VAE_PATH = "ckpt/vae/kl16.ckpt"  # where README.md puts the released KL-16 VAE
+
 # The latent scale of the KL-16 VAE released with MAR: the only place this number lives.
 KL16_SCALE_FACTOR = 0.2325
 KL16_STRIDE, KL16_EMBED_DIM = 16, 16
@@ -126,7 +128,7 @@ def add_tokenizer_args(add):
     """The tokenizer flags of main.py and main_cache.py; `add` is a parser's (or group's) add_argument."""
     add("--tokenizer", default="kl16", choices=list(TOKENIZERS),
         help="kl16: the VAE released with MAR (stride 16); pixel: pixel patches as tokens, for small images")
-    add("--vae_path", default="pretrained_models/vae/kl16.ckpt", help="the KL-16 VAE released with MAR")
+    add("--vae_path", default=DEFAULT_VAE_PATH, help="the KL-16 VAE released with MAR (kl16.ckpt)")
     add("--vae_unsafe_load", action="store_true",
         help="read a --vae_path file that the safe loader refuses by full unpickling, which RUNS CODE FROM THE "
              "FILE: only for files you trust")

@@ -134,9 +134,9 @@ def test_digits_preset_writes_grid_and_report_then_resumes(digit_root, tmp_path)
     div = report["diversity"]  # 3 per class: 30 generated against 30 real training digits, floor 30 others
     assert div["num_generated"] == div["num_reference"] == div["num_floor"] == 30
     assert div["generated"]["fd"] > div["real_floor"]["fd"] >= 0.0 and 0.0 <= div["real_floor"]["recall"] <= 1.0
-    with Image.open(out / digits.GRID_NAME) as grid:
+    with Image.open(out / digits.GRID_NAME) as grid:  # 10 rows of 2, with a label column and a title
         pad, side = 2, 32
-        assert grid.size == (2 * (side + pad) + pad, 10 * (side + pad) + pad)
+        assert grid.width > 2 * (side + pad) + pad and grid.height > 10 * (side + pad) + pad
     main.cli(short_run("digits", digit_root, out))  # the same command: resumes, trains nothing, reports again
     second = (out / "log.txt").read_text().split("--preset digits")[-1]
     assert "resumed from" in second and "already reached" in second

@@ -10,15 +10,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from util.cli import HelpFormatter  # noqa: E402
 from util.data import MRAR_INDEX_NAME, build_mrar_rows, write_mrar_index  # noqa: E402
 from util.errors import OneLineParser, exit_on_user_error  # noqa: E402
 
 
 def main(argv=None):
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--data_path", required=True, help="ImageNet root holding train/, or an ImageFolder")
-    p.add_argument("--output", default=MRAR_INDEX_NAME)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=MRAR_INDEX_NAME, help="the JSON-lines index to write")
+    p.add_argument("--seed", type=int, default=0, help="seeds the shuffle of each class")
     p.add_argument("--repeats", type=int, default=1, help="passes over each class, each with a new shuffle")
     args = p.parse_args(argv)
     if args.repeats < 1:

@@ -15,11 +15,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.pretrained import EXPORT_DTYPES, export_inference  # noqa: E402
+from util.cli import HelpFormatter  # noqa: E402
 from util.errors import OneLineParser, UserError  # noqa: E402
 
 
 def main(argv=None):
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("src", help="run folder, checkpoint-*.pth or .safetensors export")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--dtype", default="fp32", choices=list(EXPORT_DTYPES), help="dtype of the stored weights")

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from util.checkpoint import atomic_write  # noqa: E402
+from util.cli import HelpFormatter  # noqa: E402
 from util.metrics import (  # noqa: E402
     FID_FEATURE,
     LOGITS_HEAD_KEYS,
@@ -185,7 +186,7 @@ def build(output: str, force: bool = False, ts_path: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--fid_weights", default=None,
                    help=f"where to write (default: torch-fidelity's cache, {default_inception_weights_path()})")
     p.add_argument("--force", action="store_true", help="replace an existing file")

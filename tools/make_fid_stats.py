@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from util.cli import HelpFormatter  # noqa: E402
 from util.metrics import (  # noqa: E402
     FID_FEATURE,
     ArrayImageDataset,
@@ -45,7 +46,7 @@ from util.metrics import (  # noqa: E402
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Make FID reference statistics (mu, sigma of 2048-d Inception pool features) as an .npz.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("source", help="image folder (recursive) or ADM reference batch .npz (uint8 NHWC images in arr_0)")
     p.add_argument("output", help="statistics file to write (.npz with mu, sigma, num_images)")
@@ -75,9 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "Inception) instead of computing statistics of its images; needs no weights (num_images is written as -1)",
     )
     p.add_argument("--npz_key", default="arr_0", help="array holding the images in an ADM reference batch")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--batch_size", type=int, default=100)
-    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--device", default=None, help="where Inception runs (default: cuda if available, else cpu)")
+    p.add_argument("--batch_size", type=int, default=100, help="images per Inception forward pass")
+    p.add_argument("--num_workers", type=int, default=4, help="image decoding workers")
     p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from util.checkpoint import atomic_write
+from util.cli import shown_path
 from util.data import IMG_EXTENSIONS, center_crop_arr
 from util.metrics import features_to_stats, frechet_distance, precision_recall
 
@@ -117,7 +118,7 @@ def load_or_train(data_root, img_size, log=print):
     model = train_digit_classifier(x, y, **TRAINING)
     real = accuracy_report(model, *load_image_folder(os.path.join(data_root, "train"), img_size))
     summary = {"trained_on": len(y), "real_accuracy": real["accuracy"], "real_per_class": real["per_class"],
-               "real_images": real["num_images"], "file": os.path.abspath(path)}
+               "real_images": real["num_images"], "file": shown_path(path)}
     log(f"trained the digit classifier on {len(y)} held-out real digits: it reads {real['accuracy']:.1%} of the "
         f"{real['num_images']} real training digits right")
     payload = {"key": key, "num_classes": int(y.max()) + 1, "model": model.state_dict(), "summary": summary}

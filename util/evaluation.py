@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from util.amp import dtype_from_name
 from util.checkpoint import atomic_write, remove_stale_temp_files, save_json
@@ -246,6 +246,52 @@ def grid(images, rows, cols, pad=2):
         canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = img
     grey = bool((canvas == canvas[..., :1]).all())
     return Image.fromarray(canvas[..., 0] if grey else canvas)
+
+
+def grid_title(mrar, settings, epoch=None, ema=True, seed=None):
+    """What a grid shows, in one line: mode, the sampler `settings` (`Transdiff.samples` keywords), the
+    training epochs of the checkpoint (which stores the index of its last epoch), the weights and the seed."""
+    cfg = settings["cfg"]
+    cfg = ",".join(f"{c:g}" for c in cfg) if isinstance(cfg, (list, tuple)) else f"{cfg:g}"
+    parts = [f"class per row; {'MRAR' if mrar else '1-Step'}", f"cfg {cfg}",
+             f"{settings['num_sampling_steps']} {settings['sampler']} steps"]
+    parts += [] if epoch is None else [f"{int(epoch) + 1} epochs"]
+    parts += [f"{'EMA' if ema else 'raw'} weights"] + ([] if seed is None else [f"seed {seed}"])
+    return ", ".join(parts)
+
+
+def _wrap(text, font, width):
+    """Lines of `text` cut at its commas, each as wide as fits in `width` pixels (a wider part stays whole)."""
+    lines = []
+    for part in text.split(", "):
+        joined = f"{lines[-1]}, {part}" if lines else part
+        if lines and font.getbbox(joined)[2] <= width:
+            lines[-1] = joined
+        else:
+            lines.append(part)
+    return lines
+
+
+def labelled_grid(images, row_labels, cols, title, pad=2):
+    """`grid` with each row's label at its left and `title` above: what a grid shows, readable without its
+    command. The text is scaled to the images' side (half of it, within 10..24 px)."""
+    picture = grid(images, len(row_labels), cols, pad)
+    side = images.shape[1]
+    font = ImageFont.load_default(size=max(10, min(24, side // 2)))
+    label_w = max(font.getbbox(str(lab))[2] for lab in row_labels) + 3 * pad
+    lines = _wrap(title, font, label_w + picture.width - 2 * pad)
+    line_h = font.getbbox("Ag")[3] + pad
+    width = max(label_w + picture.width, max(font.getbbox(line)[2] for line in lines) + 2 * pad)
+    title_h = len(lines) * line_h + pad
+    canvas = Image.new(picture.mode, (width, title_h + picture.height), "white")
+    canvas.paste(picture, (label_w, title_h))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((pad, pad + i * line_h), line, fill="black", font=font)
+    for r, lab in enumerate(row_labels):
+        draw.text((label_w - pad, title_h + pad + r * (side + pad) + side // 2), str(lab), fill="black", font=font,
+                  anchor="rm")
+    return canvas
 
 
 class OtherWeightsError(UserError, RuntimeError):

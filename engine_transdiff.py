@@ -472,9 +472,9 @@ def train(args, dist, tokenizer, writer):
             metrics = evaluate_weights(run.raw, run.ema, tokenizer, eval_args, run.sampling, epoch=done,
                                        writer=writer if n == args.num_images else _CountTagged(writer, n))
             if metrics:
-                log.info(f"epoch {done} evaluation ({n} images): FID {metrics.get('fid')}, "
-                         f"IS {metrics.get('inception_score_mean')}")
-        if args.sample_grid_freq and (done % args.sample_grid_freq == 0 or done == args.epochs) and run.dist.is_main:
+                log.info(f"epoch {done} evaluation: FID {metrics.get('fid')}, "
+                         f"IS {metrics.get('inception_score_mean')} ({n} images)")
+        if args.sample_grid_freq and done % args.sample_grid_freq == 0 and run.dist.is_main:
             write_sample_grid(run, done)
     if run.metrics:
         run.metrics.close()

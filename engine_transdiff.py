@@ -453,7 +453,7 @@ def train(args, dist, tokenizer, writer):
     run = build_run(args, dist, tokenizer, writer)
     planned = args.epochs * run.steps_per_epoch
     warning = short_run_warning(args.ema_rate, run.ema.warmup, min(planned, args.max_train_steps or planned))
-    if warning and run.state.step < planned:
+    if warning and run.state.step < planned and dist.is_main:
         log.warning(f"warning: {warning}")
     seed_everything(args.seed + dist.rank)  # the model was made alike on every rank; the draws now differ
     restore_rng_states(run)

@@ -52,7 +52,8 @@ def short_run_warning(rate, warmup, steps):
     if share <= math.exp(-MIN_HORIZONS):
         return None
     horizon = 1.0 / (1.0 - rate)
-    fix = "keep --ema_warmup (the default) or lower --ema_rate" if not warmup else "lower --ema_rate"
+    fix = "lower --ema_rate" if warmup else "start a run with the EMA warm-up (--ema_warmup, the default) or " \
+                                            "lower --ema_rate"
     return (f"the run plans {steps} optimizer steps, {steps / horizon:.1f} horizons of --ema_rate {rate} "
             f"({horizon:.0f} steps): its EMA weights (what sampling and evaluation use) will still hold "
             f"{share:.0%} of the starting weights; {fix}, or judge the raw weights (--eval_wo_ema)")

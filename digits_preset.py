@@ -55,13 +55,14 @@ _COMMON = dict(
     tokenizer="pixel", pixel_patch=8, pixel_channels=1, img_size=32, class_num=10, data_path="data/digits",
     hflip=False, model="transdiff_tiny", diffloss_w=128, diffloss_d=2, buffer_size=16, patch_size=1,
     attn_dropout=0.0, proj_dropout=0.0, diffusion_batch_mul=2, lr=4e-3, ema_rate=0.995, threads=1, num_workers=1,
-    log_freq=100, eval_bsz=500, scale_0=1.0, scale_1=1.0, sampler="maruyama", num_sampling_steps=30,
+    log_freq=10, eval_bsz=500, scale_0=1.0, scale_1=1.0, sampler="maruyama", num_sampling_steps=30,
     report_per_class=100, grid_per_class=10,
 )
 PRESETS = {
     # 3,000 digits in batches of 64: 46 steps per epoch
     "digits": dict(_COMMON, output_dir="output/digits", batch_size=64, epochs=120, warmup_epochs=1, lr=3e-3,
-                   diffusion_batch_mul=1, ema_rate=0.999, save_last_freq=10, eval_freq=120, cfg=1.5),
+                   diffusion_batch_mul=1, ema_rate=0.999, save_last_freq=10, eval_freq=120, cfg=1.5,
+                   sample_grid_freq=10),
     # rows of four same-class digits (MRAR_INDEX_REPEATS x 750 rows) in batches of 32 rows: 93 steps per epoch
     "digits_mrar": dict(_COMMON, output_dir="output/digits_mrar", mrar=True, batch_size=32, epochs=30,
                         warmup_epochs=0.5, diffusion_batch_mul=1, ema_rate=0.9975, save_last_freq=2,

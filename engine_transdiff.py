@@ -6,6 +6,7 @@ A `Run` holds what a training run is made of (models, optimizer, data, position)
 Progress is counted in optimizer steps and in samples (an MRAR sample is a row of four images); the lr schedule
 follows the fractional epoch, so a run resumed on another world size stays on the same schedule.
 """
+import argparse
 import contextlib
 import math
 import os
@@ -34,6 +35,7 @@ from models.pretrained import (
 from models.tokenizers import latents_from_moments, tokenizer_geometry
 from models.transdiff import build_model, check_label_range, compile_model
 from util import data, distributed, preemption
+from util import evaluation as ev
 from util.amp import autocast, training_precision
 from util.checkpoint import (
     LAST,
@@ -49,7 +51,7 @@ from util.errors import UserError
 from util.evaluation import SamplingSettings
 from util.logger import MetricsLog, get_logger
 from util.lr_sched import adjust_learning_rate
-from util.optim import EMA, build_adamw
+from util.optim import EMA, build_adamw, short_run_warning
 
 log = get_logger()
 
@@ -209,7 +211,8 @@ def build_run(args, dist, tokenizer, writer):
     if args.mrar and args.patch_size != 1:
         log.info(f"--patch_size {args.patch_size}: MRAR decodes single latent cells (patch 1), as released")
     amp_dtype, scaler = amp_settings(args, dist.device)
-    ema, optimizer = EMA(model, args.ema_rate), build_adamw(model, args.lr, args.weight_decay, excluded)
+    ema = EMA(model, args.ema_rate, args.ema_warmup)
+    optimizer = build_adamw(model, args.lr, args.weight_decay, excluded)
     dataset, sampler, loader, classes = build_data(args, dist)
     steps_per_epoch = len(loader) // args.gradient_accumulation_steps
     log.info(f"{len(dataset)} {'MRAR rows' if args.mrar else 'samples'} of {len(classes)} classes; "
@@ -279,6 +282,12 @@ def load_start(args, path, ckpt, raw, ema, optimizer, scaler, steps_per_epoch, s
             log.info(f"  adapted: {note}")
         return TrainState(), None
     raw.load_state_dict(ckpt["model"], strict=True)
+    # the run goes on with the EMA warm-up it started with (off for runs older than the flag): exact resume
+    started_with = bool(checkpoint_args(ckpt).get("ema_warmup", False))
+    if started_with != args.ema_warmup:
+        log.info(f"{path}: the run started with the EMA warm-up {'on' if started_with else 'off'} and goes on so "
+                 f"(a new --output_dir starts a run with the --ema_warmup given)")
+    ema.warmup = args.ema_warmup = started_with
     if isinstance(ckpt.get("model_ema"), dict):
         check_compatible(raw, ckpt["model_ema"], source=f"model_ema of {path}")
         ema.load_state_dict(ckpt["model_ema"])
@@ -300,6 +309,7 @@ def load_start(args, path, ckpt, raw, ema, optimizer, scaler, steps_per_epoch, s
         epoch = int(ckpt.get("epoch", -1)) + 1
         state = TrainState(epoch=epoch, step=epoch * steps_per_epoch,
                            images_seen=epoch * steps_per_epoch * samples_per_step)
+    ema.updates = state.step
     log.info(f"resumed from {path}: epoch {state.epoch}, {state.samples_in_epoch} samples into it, "
              f"optimizer step {state.step}, {state.images_seen / 1000:.1f} kimg seen")
     return state, ckpt.get("rng")
@@ -419,11 +429,14 @@ def train_one_epoch(run, epoch):
     run.model.train()
     batches = iter(run.loader)
     skipped = torch.zeros((), dtype=torch.long)
+    data_wait = 0.0  # seconds waiting for the loader in the current log window
 
     def micro_batches():
-        nonlocal skipped
+        nonlocal skipped, data_wait
         for _ in range(accum):
+            t_data = time.time()
             x, y, n_skipped = next(batches)
+            data_wait += time.time() - t_data
             skipped += n_skipped.sum()
             yield to_latents(x.to(dev, non_blocking=True), run.tokenizer, args.use_cached), y.to(dev, non_blocking=True)
 
@@ -442,22 +455,24 @@ def train_one_epoch(run, epoch):
             window.append(loss)
             st.epoch_loss_sum += loss
             st.epoch_loss_steps += 1
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)  # host values: no device sync
         bar.update(1)
         if st.step % args.log_freq == 0 or st.step == 1:
             dt = max(time.time() - t_window, 1e-9)
             row = {"step": st.step, "epoch": epoch + st.samples_in_epoch / run.epoch_samples,
                    "loss": float(np.mean(window)) if window else None, "lr": lr, "grad_norm": grad_norm,
                    "images_per_sec": len(window) * run.samples_per_step * per_image / dt,
-                   "kimg": st.images_seen / 1000}
+                   "kimg": st.images_seen / 1000, "data_wait_share": min(data_wait / dt, 1.0),
+                   "peak_memory_gib": (ev.peak_memory(dev)[0] or 0) / 2**30}
             if run.scaler.is_enabled():
                 row.update(loss_scale=run.scaler.get_scale(), skipped_steps=st.skipped_steps)
-            bar.set_postfix(loss=f"{math.nan if row['loss'] is None else row['loss']:.4f}", lr=f"{lr:.2e}")
             if run.dist.is_main:
                 run.metrics.write(row)
-                for k in ("loss", "lr", "grad_norm", "images_per_sec", "loss_scale", "skipped_steps"):
+                for k in ("loss", "lr", "grad_norm", "images_per_sec", "data_wait_share", "peak_memory_gib",
+                          "loss_scale", "skipped_steps"):
                     if row.get(k) is not None:
                         run.writer.add_scalar(f"train/{k}", row[k], st.step)
-            window, t_window = [], time.time()
+            window, t_window, data_wait = [], time.time(), 0.0
         if run.requests.stop:
             bar.close()
             log.info(f"stop requested ({preemption.stop_reason()}): saving after optimizer step {st.step}")
@@ -494,6 +509,10 @@ def train(args, dist, tokenizer, writer):
     """Train from the start checkpoint (or scratch) to --epochs or --max_train_steps: each epoch, then the
     checkpoints it is due (checkpoint-last.pth is never older than another), then its online evaluation."""
     run = build_run(args, dist, tokenizer, writer)
+    planned = args.epochs * run.steps_per_epoch
+    warning = short_run_warning(args.ema_rate, run.ema.warmup, min(planned, args.max_train_steps or planned))
+    if warning and run.state.step < planned and dist.is_main:
+        log.warning(f"warning: {warning}")
     seed_everything(args.seed + dist.rank)  # the model was made alike on every rank; the draws now differ
     restore_rng_states(run)
     if run.state.epoch >= args.epochs:
@@ -507,10 +526,15 @@ def train(args, dist, tokenizer, writer):
         if done % args.save_last_freq == 0 or eval_epoch:
             save(run, epochs_done=done if eval_epoch else None)
         if eval_epoch and args.online_eval:
-            metrics = evaluate_weights(run.raw, run.ema, tokenizer, args, run.sampling, epoch=done, writer=writer)
+            n = args.online_num_images or args.num_images
+            eval_args = argparse.Namespace(**{**vars(args), "num_images": n})
+            metrics = evaluate_weights(run.raw, run.ema, tokenizer, eval_args, run.sampling, epoch=done,
+                                       writer=writer if n == args.num_images else _CountTagged(writer, n))
             if metrics:
                 log.info(f"epoch {done} evaluation: FID {metrics.get('fid')}, "
-                         f"IS {metrics.get('inception_score_mean')}")
+                         f"IS {metrics.get('inception_score_mean')} ({n} images)")
+        if args.sample_grid_freq and done % args.sample_grid_freq == 0 and run.dist.is_main:
+            write_sample_grid(run, done)
     if run.metrics:
         run.metrics.close()
     if run.requests.stop:
@@ -519,6 +543,59 @@ def train(args, dist, tokenizer, writer):
         log.info(note)
         raise preemption.Preempted(note)
     return run
+
+
+# ------------------------------------------------------------------ watching a run
+GRID_CLASSES, GRID_SEEDS = 10, 4  # the in-training sample grid: classes spread over the labels x fixed seeds
+
+
+class _CountTagged:
+    """The writer of an in-training evaluation of fewer images than --num_images: its tags name the count
+    (eval_n1000/fid), since a FID of few images lies above the FID of many."""
+
+    def __init__(self, writer, n):
+        self.writer, self.n = writer, n
+
+    def add_scalar(self, tag, *a, **kw):
+        if self.writer is not None:
+            self.writer.add_scalar(tag.replace("eval/", f"eval_n{self.n}/", 1), *a, **kw)
+
+    def flush(self):
+        if self.writer is not None:
+            self.writer.flush()
+
+
+@torch.no_grad()
+def write_sample_grid(run, epoch):
+    """Rank 0: a grid of the EMA weights' samples (the run's sampling settings, the same seeds every time; a row
+    per class) as samples/epoch-<epoch>.png and TensorBoard image `samples`. Under a forked RNG and with its own
+    generators, so that training draws the same numbers with or without it."""
+    raw, sampling, device = run.raw, run.sampling, run.dist.device
+    classes = torch.linspace(0, raw.class_num - 1, min(GRID_CLASSES, raw.class_num)).round().long()
+    labels = classes.repeat_interleave(GRID_SEEDS)
+    t0, images, bsz = time.time(), [], run.args.eval_bsz
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        with contextlib.nullcontext() if not sampling.ema else run.ema.swapped_in(raw):
+            raw.eval()
+            try:
+                for lo in range(0, len(labels), bsz):
+                    gens = [torch.Generator(device=device).manual_seed(ev.image_seed(run.args.seed, i))
+                            for i in range(lo, min(lo + bsz, len(labels)))]
+                    with autocast(device, sampling.autocast_dtype):
+                        z = raw.samples(labels[lo:lo + bsz].to(device), generator=gens, **sampling.sample_kwargs())
+                        images.append(ev.to_uint8(run.tokenizer.decode(z / ev.latent_scale(run.tokenizer)).float()))
+            finally:
+                raw.train()
+    picture = ev.grid(np.concatenate(images), len(classes), GRID_SEEDS)
+    path = os.path.join(run.args.output_dir, "samples", f"epoch-{epoch:04d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+    if run.writer is not None:
+        arr = np.asarray(picture)
+        run.writer.add_image("samples", arr, epoch, dataformats="HW" if arr.ndim == 2 else "HWC")
+        run.writer.flush()
+    log.info(f"epoch {epoch}: sample grid of classes {classes.tolist()} ({'EMA' if sampling.ema else 'raw'} "
+             f"weights) in {time.time() - t0:.1f}s: {path}")
 
 
 # ------------------------------------------------------------------ evaluation

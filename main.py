@@ -82,6 +82,9 @@ def get_args_parser():
     a("--weight_decay", type=float, default=0.02, help="AdamW weight decay (not on biases, norms, the decoder)")
     a("--grad_clip", type=float, default=3.0, help="max gradient norm (0: no clipping)")
     a("--ema_rate", type=float, default=0.9999, help="EMA decay per optimizer step")
+    a("--ema_warmup", action=argparse.BooleanOptionalAction, default=True,
+      help="EMA rate min(ema_rate, (1+n)/(10+n)) at optimizer step n, so that a short run's EMA is not its random "
+           "start; --no-ema_warmup: the released constant rate. A resumed run keeps the setting it started with")
     a("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     a("--bf16", action="store_true", help="bf16 autocast: the same as --amp bf16")
     a("--compile", action="store_true", help="torch.compile the training forward (with --evaluate: the "
@@ -119,12 +122,16 @@ def get_args_parser():
       help=f"signals on which every rank finishes its optimizer step, saves checkpoint-last.pth and exits with "
            f"code {preemption.PREEMPTED_EXIT} (docs/cluster.md)")
     a("--log_freq", type=int, default=20, help="optimizer steps between metric logs")
+    a("--sample_grid_freq", type=int, default=5, help="epochs between sample grids of the EMA weights (rank 0: "
+                                                      "<output_dir>/samples/ and TensorBoard); 0: none")
     a = p.add_argument_group("evaluation").add_argument
     a("--evaluate", action="store_true", help="evaluate the checkpoint of --resume (or --output_dir) and exit")
     a("--online_eval", action="store_true", help="evaluate every --eval_freq epochs while training")
     a("--eval_freq", type=int, default=50, help="epochs between evaluations and numbered checkpoints")
     a("--eval_wo_ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     a("--num_images", type=int, default=50000, help="images to generate and score")
+    a("--online_num_images", type=int, default=None,
+      help="images of each --online_eval (default --num_images): a cheap FID curve, tagged with its count")
     a("--eval_bsz", type=int, default=64, help="images per sampling batch and process")
     a = p.add_argument_group("sampling (evaluation, online evaluation, the digits report)").add_argument
     a("--cfg", type=parse_cfg, default=SAMPLING.cfg, help="guidance scale, or 4 comma-separated (MRAR)")
@@ -175,8 +182,8 @@ def check_args(parser, args):
     if args.num_workers is None:
         args.num_workers, note = data.default_num_workers()
         STARTUP_NOTES.extend([note] if note else [])
-    need(args.save_every_steps >= 0 and args.seed >= 0 and args.num_workers >= 0,
-         "--save_every_steps, --seed and --num_workers must not be negative")
+    need(args.save_every_steps >= 0 and args.seed >= 0 and args.num_workers >= 0 and args.sample_grid_freq >= 0,
+         "--save_every_steps, --seed, --num_workers and --sample_grid_freq must not be negative")
     need(args.threads is None or args.threads >= 1, "--threads must be at least 1")
     need(args.max_train_steps is None or args.max_train_steps >= 1, "--max_train_steps must be at least 1")
     need(args.lr is None or args.blr is None, "give --lr or --blr, not both")
@@ -234,6 +241,9 @@ def check_args(parser, args):
     if args.evaluate or args.online_eval:
         need(args.num_images % args.class_num == 0, "--num_images must be a multiple of --class_num (the same "
                                                     "number of images per class)")
+        need(args.online_num_images is None or (args.online_num_images >= 1 and
+                                                args.online_num_images % args.class_num == 0),
+             "--online_num_images must be a positive multiple of --class_num (the same number of images per class)")
         if not args.skip_metrics:  # now, not after the first evaluation epoch
             from util.metrics import resolve_inception_weights  # torch-fidelity only when evaluating
             try:

@@ -8,6 +8,7 @@ the data pipeline), generated ones come at that size: both are then brought to t
 side the same way, so its accuracy on real digits is the yardstick for its accuracy on generated ones.
 """
 import os
+import time
 
 import numpy as np
 import torch
@@ -64,8 +65,9 @@ def _shift(x, generator, max_shift=2):
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
 
 
-def train_digit_classifier(images, labels, epochs, batch_size, lr, seed=0):
-    """Train on (N, C, H, W) images in [-1, 1]; deterministic for a seed, whatever the caller's thread count."""
+def train_digit_classifier(images, labels, epochs, batch_size, lr, seed=0, log=None):
+    """Train on (N, C, H, W) images in [-1, 1]; deterministic for a seed, whatever the caller's thread count.
+    `log` (a print-like function) hears of each epoch."""
     g = torch.Generator().manual_seed(seed)
     # dropout draws from the global RNG: leave the caller's stream alone; a caller sampling under no_grad (a
     # report on a fresh data folder) still trains the judge
@@ -79,15 +81,21 @@ def train_digit_classifier(images, labels, epochs, batch_size, lr, seed=0):
             x, y = to_classifier_input(images), labels
             model = DigitClassifier(int(labels.max()) + 1)
             opt = torch.optim.Adam(model.parameters(), lr=lr)
-            for _ in range(epochs):
+            t0 = time.time()
+            for epoch in range(epochs):
                 model.train()
                 order = torch.randperm(len(x), generator=g)
+                loss_sum = torch.zeros(())
                 for i in range(0, len(x), batch_size):
                     idx = order[i:i + batch_size]
                     loss = F.cross_entropy(model(_shift(x[idx], g)), y[idx])
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    loss_sum += loss.detach() * len(idx)
+                if log:
+                    log(f"digit classifier epoch {epoch + 1}/{epochs}: loss {loss_sum.item() / len(x):.4f} "
+                        f"({time.time() - t0:.0f}s)")
     finally:
         torch.set_num_threads(threads)
     return model.eval()
@@ -115,7 +123,9 @@ def load_or_train(data_root, img_size, log=print):
             model.load_state_dict(saved["model"])
             return model.eval(), saved["summary"]
     x, y = load_image_folder(os.path.join(data_root, "heldout"), img_size)
-    model = train_digit_classifier(x, y, **TRAINING)
+    log(f"training the digit classifier (the judge) on {len(y)} held-out real digits, {TRAINING['epochs']} epochs; "
+        f"cached for later reports as {path}")
+    model = train_digit_classifier(x, y, **TRAINING, log=log)
     real = accuracy_report(model, *load_image_folder(os.path.join(data_root, "train"), img_size))
     summary = {"trained_on": len(y), "real_accuracy": real["accuracy"], "real_per_class": real["per_class"],
                "real_images": real["num_images"], "file": shown_path(path)}

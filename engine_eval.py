@@ -27,6 +27,7 @@ from util.distributed import (
     broadcast_object,
     comm_device,
     rank,
+    run_on_every_rank,
     world_size,
 )
 
@@ -268,7 +269,8 @@ def run_evaluation(model, tokenizer, args, epoch=None, log_writer=None, feature_
                       f"{' and precision/recall' if ref_dir else ''} only", flush=True)
 
     if not args.skip_metrics:
-        _on_every_rank(check_references, device)  # every rank extracts features: each needs the files
+        # every rank extracts features: each needs the files
+        run_on_every_rank(check_references, device, "another rank could not read the FID references; see its error")
 
     fingerprint = ev.weights_fingerprint(model, tokenizer)
     out_dir = ev.eval_dir(args, epoch, model, sampling)
@@ -298,17 +300,3 @@ def run_evaluation(model, tokenizer, args, epoch=None, log_writer=None, feature_
         ev.report(result, log_writer, epoch)
     barrier()
     return result
-
-
-def _on_every_rank(fn, device):
-    """Run `fn` on every rank; if one raises, every rank raises (that one with the real error)."""
-    error = None
-    try:
-        fn()
-    except Exception as e:
-        error = e
-    failed = all_reduce_max(torch.tensor([error is not None], dtype=torch.int64, device=comm_device(device)))
-    if error is not None:
-        raise error
-    if failed.item():
-        raise RuntimeError("another rank could not read the FID references; see its error")

@@ -117,19 +117,19 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
-def run_on_rank0(fn, device):
-    """Run `fn` on rank 0; if it raises, every rank raises (rank 0 with the real error), so none is left waiting."""
+def run_on_every_rank(fn, device, why="another rank stopped; see its error"):
+    """Run `fn` on every rank; if one raises, every rank raises (that one with the real error, the others `why`),
+    so that none is left waiting in a later collective."""
     error = None
-    if rank() == 0:
-        try:
-            fn()
-        except Exception as e:
-            error = e
-    flag = broadcast(torch.tensor([error is not None], dtype=torch.uint8, device=comm_device(device)))
+    try:
+        fn()
+    except Exception as e:
+        error = e
+    failed = all_reduce_max(torch.tensor([error is not None], dtype=torch.int64, device=comm_device(device)))
     if error is not None:
         raise error
-    if flag.item():
-        raise RuntimeError("rank 0 stopped; see its error")
+    if failed.item():
+        raise RuntimeError(why)
 
 
 ERROR_KEY = "transdiff/error_reported"

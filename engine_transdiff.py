@@ -51,7 +51,7 @@ from util.errors import UserError
 from util.evaluation import SamplingSettings
 from util.logger import MetricsLog, get_logger
 from util.lr_sched import adjust_learning_rate
-from util.optim import EMA, build_adamw, short_run_warning
+from util.optim import EMA, WARMUP_OFFSET, build_adamw, short_run_warning
 
 log = get_logger()
 
@@ -211,7 +211,7 @@ def build_run(args, dist, tokenizer, writer):
     if args.mrar and args.patch_size != 1:
         log.info(f"--patch_size {args.patch_size}: MRAR decodes single latent cells (patch 1), as released")
     amp_dtype, scaler = amp_settings(args, dist.device)
-    ema = EMA(model, args.ema_rate, args.ema_warmup)
+    ema = EMA(model, args.ema_rate, args.ema_warmup and args.ema_warmup_offset)
     optimizer = build_adamw(model, args.lr, args.weight_decay, excluded)
     dataset, sampler, loader, classes = build_data(args, dist)
     steps_per_epoch = len(loader) // args.gradient_accumulation_steps
@@ -283,11 +283,19 @@ def load_start(args, path, ckpt, raw, ema, optimizer, scaler, steps_per_epoch, s
         return TrainState(), None
     raw.load_state_dict(ckpt["model"], strict=True)
     # the run goes on with the EMA warm-up it started with (off for runs older than the flag): exact resume
-    started_with = bool(checkpoint_args(ckpt).get("ema_warmup", False))
-    if started_with != args.ema_warmup:
-        log.info(f"{path}: the run started with the EMA warm-up {'on' if started_with else 'off'} and goes on so "
-                 f"(a new --output_dir starts a run with the --ema_warmup given)")
-    ema.warmup = args.ema_warmup = started_with
+    planned = checkpoint_args(ckpt)
+    started_with = bool(planned.get("ema_warmup", False)), float(planned.get("ema_warmup_offset", WARMUP_OFFSET))
+    if started_with[0] != args.ema_warmup or (args.ema_warmup and started_with[1] != args.ema_warmup_offset):
+        how = f"on (offset {started_with[1]:g})" if started_with[0] else "off"
+        log.info(f"{path}: the run started with the EMA warm-up {how} and goes on so (a new --output_dir starts a "
+                 f"run with the --ema_warmup and --ema_warmup_offset given)")
+    args.ema_warmup, args.ema_warmup_offset = started_with
+    ema.warmup = args.ema_warmup and args.ema_warmup_offset
+    plan = (planned.get("epochs"), planned.get("lr_cooldown", 0.0))
+    if (plan[1] or args.lr_cooldown) and plan != (args.epochs, args.lr_cooldown):
+        log.info(f"{path}: the run planned --epochs {plan[0]} with --lr_cooldown {plan[1]}; its learning rate "
+                 f"now follows --epochs {args.epochs} with --lr_cooldown {args.lr_cooldown} (the cool-down is "
+                 f"the last part of the new plan)")
     if isinstance(ckpt.get("model_ema"), dict):
         check_compatible(raw, ckpt["model_ema"], source=f"model_ema of {path}")
         ema.load_state_dict(ckpt["model_ema"])

@@ -78,13 +78,19 @@ def get_args_parser():
     a("--lr", type=float, default=None, help="absolute learning rate (default: blr * global batch / 256)")
     a("--blr", type=float, default=None, help="base learning rate per 256 images (default: 1e-4)")
     a("--lr_schedule", default="constant", choices=["constant", "cosine"], help="after the warm-up")
-    a("--min_lr", type=float, default=None, help="end of the cosine schedule (default: 0)")
+    a("--lr_cooldown", type=float, default=0.0,
+      help="constant schedule: decay linearly to --min_lr over this fraction of the planned epochs at the end "
+           "(0: none, the released recipe; docs/training.md)")
+    a("--min_lr", type=float, default=None, help="end of the cosine schedule or the cool-down (default: 0)")
     a("--weight_decay", type=float, default=0.02, help="AdamW weight decay (not on biases, norms, the decoder)")
     a("--grad_clip", type=float, default=3.0, help="max gradient norm (0: no clipping)")
     a("--ema_rate", type=float, default=0.9999, help="EMA decay per optimizer step")
     a("--ema_warmup", action=argparse.BooleanOptionalAction, default=True,
       help="EMA rate min(ema_rate, (1+n)/(10+n)) at optimizer step n, so that a short run's EMA is not its random "
            "start; --no-ema_warmup: the released constant rate. A resumed run keeps the setting it started with")
+    a("--ema_warmup_offset", type=float, default=10.0,
+      help="K of the EMA warm-up min(ema_rate, (1+n)/(K+n)): its average spans about the last n/(K-1) steps, so a "
+           "larger K follows the raw weights more closely early on (docs/ema.md); a resumed run keeps its own")
     a("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     a("--bf16", action="store_true", help="bf16 autocast: the same as --amp bf16")
     a("--compile", action="store_true", help="torch.compile the training forward (with --evaluate: the "
@@ -158,7 +164,14 @@ def parse_args(parser, argv=None):
     """Parse twice: --preset first, whose values become the defaults that the other flags given override."""
     known, _ = parser.parse_known_args(argv)
     if known.preset:
-        parser.set_defaults(**digits.PRESETS[known.preset])
+        preset = dict(digits.PRESETS[known.preset])
+        given = sys.argv[1:] if argv is None else argv
+        if not any(a == "--batch_size" or a.startswith("--batch_size=") for a in given):
+            try:  # a preset's batch is global: the same recipe on one process or under torchrun
+                preset["batch_size"] = digits.per_process_batch(preset, int(os.environ.get("WORLD_SIZE", 1)))
+            except ValueError as e:
+                parser.error(str(e))
+        parser.set_defaults(**preset)
     return parser.parse_args(argv)
 
 
@@ -204,8 +217,14 @@ def check_args(parser, args):
         preemption.parse_signals(args.stop_signals)
     except ValueError as e:
         parser.error(f"--stop_signals: {e}")
-    need(args.min_lr is None or args.lr_schedule == "cosine", "--min_lr only applies to --lr_schedule cosine")
+    need(args.min_lr is None or args.lr_schedule == "cosine" or args.lr_cooldown > 0,
+         "--min_lr only applies to --lr_schedule cosine or a --lr_cooldown")
     need(0.0 <= args.ema_rate < 1.0, "--ema_rate must lie in [0, 1)")
+    need(args.ema_warmup_offset > 1.0, f"--ema_warmup_offset {args.ema_warmup_offset} must exceed 1 (10: the usual "
+                                       "warm-up)")
+    need(0.0 <= args.lr_cooldown <= 1.0, f"--lr_cooldown {args.lr_cooldown} must lie in [0, 1] (a fraction of "
+                                         "--epochs)")
+    need(args.lr_cooldown == 0 or args.lr_schedule == "constant", "--lr_cooldown applies to --lr_schedule constant")
     need(args.device != "cuda" or torch.cuda.is_available(), "--device cuda, but no CUDA device is visible")
     need((why := check_tokenizer_args(args)) is None, why)
     need(not isinstance(args.cfg, list) or args.mrar or args.evaluate,
@@ -337,7 +356,9 @@ def cli(argv=None):
     args = parse_args(parser, argv)
     if args.preset and not args.evaluate:
         try:
-            digits.prepare_for_preset(args)
+            # every rank prepares (the folder appears whole, once); rank 0 tells
+            quiet = int(os.environ.get("RANK", 0)) != 0
+            digits.prepare_for_preset(args, log=(lambda *_: None) if quiet else print)
         except RuntimeError as e:
             parser.error(f"--preset {args.preset}: {e}")
     args = check_args(parser, args)

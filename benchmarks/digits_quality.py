@@ -3,12 +3,13 @@ would, and check that a classifier trained on held-out real digits reads at leas
 generated digits as the class asked for, at the preset's sampling settings.
 
     python benchmarks/digits_quality.py               # both presets, each from nothing (~15 min)
-    python benchmarks/digits_quality.py --in_place    # the README's commands as they are (output/digits...)
+    python benchmarks/digits_quality.py --in_place --nproc 2   # the README's command as it is (output/digits...)
     python benchmarks/digits_quality.py --reuse digits=output/digits --reuse digits_mrar=output/digits_mrar
 
 By default each preset runs in its own work folder (data preparation and the judge's training are part of its
-wall time), as `python main.py --preset NAME --data_path WORK/data --output_dir WORK/run`. --in_place runs
-`python main.py --preset NAME` into the preset's own folders, which must not hold a run yet. --reuse reads the
+wall time), as `python main.py --preset NAME --data_path WORK/data --output_dir WORK/run` (with --nproc N:
+`torchrun --nproc_per_node N main.py ...`, the same recipe in less time). --in_place runs `main.py --preset NAME`
+into the preset's own folders, which must not hold a run yet. --reuse reads the
 report of a finished run folder instead. Writes benchmarks/results/digits_quality.json; exits 1 when an
 accuracy is short. Not a test: it takes the minutes that the quick start takes.
 """
@@ -43,19 +44,21 @@ def machine():
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def run_preset(name, work, extra):
+def run_preset(name, work, extra, nproc=1):
     """Run the preset in `work` (None: in its own folders); returns (run folder, timing)."""
     run_dir = os.path.join(ROOT, digits.PRESETS[name]["output_dir"]) if work is None else os.path.join(work, "run")
     where = [] if work is None else ["--data_path", os.path.join(work, "data"), "--output_dir", run_dir]
     if os.path.exists(os.path.join(run_dir, "checkpoint-last.pth")):
         raise SystemExit(f"{run_dir} already holds a run: the command would resume it, not time it; pass "
                          f"--reuse {name}={run_dir}, or remove the folder")
-    cmd = [sys.executable, "main.py", "--preset", name, *where, *extra]
-    print(f"$ {' '.join(cmd)}", flush=True)
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    cmd = [sys.executable, *launch, "main.py", "--preset", name, *where, *extra]
+    shown = (["torchrun", *launch[2:]] if nproc > 1 else ["python"]) + cmd[1 + len(launch):]
+    print(f"$ {' '.join(shown)}", flush=True)
     load = os.getloadavg()[0]
     t0 = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
-    return run_dir, {"command": " ".join(["python", *cmd[1:]]), "wall_seconds": round(time.time() - t0, 1),
+    return run_dir, {"command": " ".join(shown), "wall_seconds": round(time.time() - t0, 1),
                      "load_average_before": load, "load_average_after": os.getloadavg()[0]}
 
 
@@ -68,6 +71,7 @@ def main(argv=None):
                    help="read the report of this finished run instead of running the preset")
     p.add_argument("--work_dir", default=None, help="where fresh runs go (default: a new temporary folder)")
     p.add_argument("--in_place", action="store_true", help="run the README commands into the presets' folders")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun); 1: python main.py")
     p.add_argument("--min_accuracy", type=float, default=0.9, help="a preset passes at this classifier accuracy")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_quality.json"),
                    help="results JSON (default: benchmarks/results/digits_quality.json)")
@@ -82,11 +86,14 @@ def main(argv=None):
         if name in reuse:
             run_dir, timing = reuse[name], {"command": f"(reused {reuse[name]})", "wall_seconds": None}
         else:
-            run_dir, timing = run_preset(name, work_dir and os.path.join(work_dir, name), extra)
+            run_dir, timing = run_preset(name, work_dir and os.path.join(work_dir, name), extra, args.nproc)
         report = digits.read_report(run_dir)
         passed = report["accuracy"] is not None and report["accuracy"] >= args.min_accuracy
         ok &= passed
         wall = timing["wall_seconds"]
+        train = report["training"]
+        if train["train_seconds"]:
+            timing["images_per_second"] = round(train["images_seen"] / train["train_seconds"], 1)
         results[name] = {**timing, "within_time_limit": None if wall is None else wall < TIME_LIMIT_S,
                          "passed": passed, "run_dir": shown_path(run_dir),
                          **{k: report[k] for k in ("mode", "accuracy", "per_class", "num_images", "judge",

@@ -1,15 +1,16 @@
 """EMA against raw weights of the digits preset at several lengths (docs/ema.md).
 
-    python benchmarks/ema_table.py --label warmup                      # the preset as it is
-    python benchmarks/ema_table.py --label released -- --no-ema_warmup  # the released EMA (no warm-up)
-    python benchmarks/ema_table.py --table                              # both into one JSON and a Markdown table
+    python benchmarks/ema_table.py --label preset                      # the preset as it is
+    python benchmarks/ema_table.py --label released -- --no-ema_warmup --lr_cooldown 0   # the released recipe
+    python benchmarks/ema_table.py --table preset --out benchmarks/results/ema_table_preset.json
 
-One run per label, grown in segments: `main.py --preset digits --epochs E` for each E of --epochs into the same
-run folder. With the preset's constant learning rate after its one warm-up epoch, a run resumed to E epochs holds
-the weights of a run of E epochs from the start (resume is exact), so one 120-epoch run gives every length. After
-each segment the preset's report is read twice: on the EMA weights (the report the command writes) and on the
-raw weights (the same command with --eval_wo_ema, which trains nothing more). The raw weights do not depend on
-the EMA, so the raw columns of both labels agree. Every label shares one data folder, hence one judge.
+`main.py --preset digits --epochs E` for each E of --epochs. Where the learning rate does not depend on the
+planned length (a constant rate after the warm-up: --lr_cooldown 0), one run is grown in segments into the same
+folder: a run resumed to E epochs then holds the weights of a run of E epochs from the start (resume is exact).
+Where it does (the preset's cool-down over the last part of the run, or a cosine schedule), each length is a run of
+its own. After each length the preset's report is read twice: on the EMA weights (the report the command writes)
+and on the raw weights (the same command with --eval_wo_ema, which trains nothing more). Every label shares one
+data folder, hence one judge.
 """
 import argparse
 import json
@@ -37,12 +38,23 @@ def report_path(label, which, epochs):
     return os.path.join(ROOT, WORK, label, "reports", f"{which}-{epochs}.json")
 
 
+def length_dependent(extra):
+    """Whether the learning rate of `main.py --preset digits <extra>` depends on --epochs."""
+    flags = dict(digits.PRESETS["digits"])
+    words = [w for flag in extra for w in flag.split("=", 1)]
+    for flag, value in zip(words, words[1:]):
+        if flag in ("--lr_cooldown", "--lr_schedule"):
+            flags[flag[2:]] = value
+    return float(flags.get("lr_cooldown", 0) or 0) > 0 or flags.get("lr_schedule", "constant") != "constant"
+
+
 def run_label(label, lengths, raw_at, extra):
-    """Grow the run of `label` to each length in turn; a call after an interruption goes on where it stopped (a
-    length whose reports exist is skipped), but never reports a run that is already past a length as that length."""
-    run_dir, data = os.path.join(WORK, label, "run"), os.path.join(WORK, "data")
+    """Train and report each length in turn; a call after an interruption goes on where it stopped (a length
+    whose reports exist is skipped), but never reports a run that is already past a length as that length."""
+    separate, data = length_dependent(extra), os.path.join(WORK, "data")
     os.makedirs(os.path.dirname(report_path(label, "ema", 0)), exist_ok=True)
     for epochs in lengths:
+        run_dir = os.path.join(WORK, label, f"run-{epochs}" if separate else "run")
         for which, flags in (("ema", []), ("raw", ["--eval_wo_ema"])):
             if os.path.isfile(report_path(label, which, epochs)) or (which == "raw" and epochs not in raw_at):
                 continue  # done by an earlier, interrupted call; or a raw report that another label has
@@ -67,32 +79,30 @@ def row(report):
     return {"accuracy": report["accuracy"], "fd": g["fd"], "precision": g["precision"], "recall": g["recall"]}
 
 
-def table(labels, lengths):
+def table(labels, lengths, out_path):
+    """One JSON and a Markdown table: per label its raw and EMA columns (a label without raw reports has none)."""
     out = {"command": "python benchmarks/ema_table.py --label LABEL [-- main.py flags]", "lengths": list(lengths),
            "labels": {}}
-    lines = ["| epochs | raw weights: accuracy / FD | " + " | ".join(f"EMA, {lab}: accuracy / FD" for lab in labels)
-             + " |", "|---" * (2 + len(labels)) + "|"]
-    cells = {epochs: [str(epochs)] for epochs in lengths}
     for lab in labels:
         out["labels"][lab] = {}
         for epochs in lengths:
-            got = {w: digits_report(report_path(lab, w, epochs)) for w in ("ema", "raw")}
+            got = {w: digits_report(report_path(lab, w, epochs)) for w in ("raw", "ema")}
             entry = out["labels"][lab][epochs] = {w: row(r) for w, r in got.items() if r}
             for r in got.values():
                 if r:  # every report of one data folder has the same judge and floor
                     out["floor"], out["judge_real_accuracy"] = r["diversity"]["real_floor"], r["judge"]["real_accuracy"]
                     entry.update(steps=r["training"]["steps"], train_seconds=r["training"]["train_seconds"])
+    columns = [(lab, w) for lab in labels for w in ("raw", "ema")
+               if any(w in out["labels"][lab][e] for e in lengths)]
+    lines = ["| epochs | " + " | ".join(f"{lab}, {'raw weights' if w == 'raw' else 'EMA'}: accuracy / FD"
+                                        for lab, w in columns) + " |", "|---" * (1 + len(columns)) + "|"]
     for epochs in lengths:
-        raws = [out["labels"][lab][epochs]["raw"] for lab in labels if "raw" in out["labels"][lab][epochs]]
-        if any(r != raws[0] for r in raws):
-            raise SystemExit(f"the raw weights' reports at {epochs} epochs differ between labels: {raws}")
-        cells[epochs].append(cell(raws[0] if raws else None))
-        cells[epochs] += [cell(out["labels"][lab][epochs].get("ema")) for lab in labels]
-    lines += ["| " + " | ".join(c) + " |" for c in cells.values()]
+        lines.append(f"| {epochs} | " + " | ".join(cell(out["labels"][lab][epochs].get(w)) for lab, w in columns)
+                     + " |")
     out["markdown"] = "\n".join(lines)
-    save_json(os.path.join(ROOT, RESULT), out)
+    save_json(os.path.join(ROOT, out_path), out)
     print(out["markdown"])
-    print(f"floor FD {out['floor']['fd']}; wrote {RESULT}")
+    print(f"floor FD {out['floor']['fd']}; wrote {out_path}")
 
 
 def digits_report(path):
@@ -130,17 +140,16 @@ def main(argv=None):
     p.add_argument("--raw_at", type=int, nargs="*", default=None,
                    help="lengths whose raw weights are reported (default: all; the raw weights are the same in "
                         "every label, so one label's are enough)")
-    p.add_argument("--table", nargs="*", default=None, metavar="LABEL",
-                   help="combine the reports of these labels (default: warmup released)")
+    p.add_argument("--table", nargs="+", default=None, metavar="LABEL", help="combine the reports of these labels")
+    p.add_argument("--out", default=RESULT, help="with --table: the JSON to write")
     p.add_argument("--figure", type=int, default=None, metavar="EPOCHS",
                    help="with --table: docs/ema_<EPOCHS>epochs.png, raw and EMA digits side by side")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more main.py flags")
     args = p.parse_args(argv)
     if args.table is not None:
-        labels = args.table or ["released", "warmup"]
         if args.figure:
-            figure(args.figure, labels, os.path.join("docs", f"ema_{args.figure}epochs.png"))
-        return table(labels, args.epochs)
+            figure(args.figure, args.table, os.path.join("docs", f"ema_{args.figure}epochs.png"))
+        return table(args.table, args.epochs, args.out)
     if not args.label:
         p.error("give --label NAME (or --table)")
     raw_at = set(args.epochs if args.raw_at is None else args.raw_at)

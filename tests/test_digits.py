@@ -96,6 +96,22 @@ def test_preset_defaults_and_explicit_flags_win(tmp_path):
     assert plain.tokenizer == "kl16" and plain.hflip and plain.preset is None
 
 
+def test_a_preset_batch_is_global_at_any_world_size(tmp_path, monkeypatch, capsys):
+    where = ["--data_path", str(tmp_path / "d"), "--output_dir", str(tmp_path / "out")]
+    (tmp_path / "d").mkdir()
+    for preset in ("digits", "digits_mrar"):
+        total = digits.PRESETS[preset]["batch_size"]
+        for world in (1, 2):
+            monkeypatch.setenv("WORLD_SIZE", str(world))
+            assert main.parse_args(main.get_args_parser(), ["--preset", preset, *where]).batch_size == total // world
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a batch given is per process, as without a preset
+    assert main.parse_args(main.get_args_parser(), ["--preset", "digits", *where, "--batch_size=48"]).batch_size == 48
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        main.parse_args(main.get_args_parser(), ["--preset", "digits", *where])
+    assert "global batch of 64, which 3 processes cannot share equally" in capsys.readouterr().err
+
+
 def test_prepared_digits_and_thin_tool(digit_root, tmp_path, capsys):
     counts = digits.split_counts(digit_root)
     assert counts == {"train": 3000, "heldout": 10 * digits.HELDOUT_PER_CLASS}

@@ -87,3 +87,29 @@ def test_a_run_resumes_with_the_warmup_it_started_with(env, tmp_path):
     gap = {name: sum((c["model_ema"][k] - c["model"][k]).norm() for k in c["model"] if k.startswith("class_emb"))
            for name, c in (("warm", warm), ("plain", plain))}
     assert gap["warm"] < 0.5 * gap["plain"]
+
+
+def test_warmup_offset_sets_how_closely_the_ema_follows():
+    model = torch.nn.Linear(1, 1, bias=False)
+    for k in (10, 50):
+        ema = EMA(model, 0.999, warmup=k)
+        ema.updates = 138
+        assert ema.current_rate() == pytest.approx(139 / (k + 138))
+    assert EMA(model, 0.999, warmup=True).current_rate() == EMA(model, 0.999, warmup=WARMUP_OFFSET).current_rate()
+    with pytest.raises(ValueError, match="must exceed 1"):
+        EMA(model, 0.999, warmup=0.5).current_rate()
+
+
+def test_a_run_resumes_with_the_warmup_offset_it_started_with(env, tmp_path, capsys):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    main.cli(tiny(env, whole, "--ema_warmup_offset", "50", "--epochs", "2"))
+    main.cli(tiny(env, split, "--ema_warmup_offset", "50", "--epochs", "2", "--max_train_steps", "4"))
+    main.cli(tiny(env, split, "--epochs", "2"))  # the default offset on the command line: the run keeps its 50
+    assert "the run started with the EMA warm-up on (offset 50) and goes on so" in (split / "log.txt").read_text()
+    a, b = (torch.load(d / "checkpoint-last.pth", weights_only=False) for d in (whole, split))
+    assert b["args"].ema_warmup_offset == 50.0
+    for k, v in a["model_ema"].items():
+        torch.testing.assert_close(b["model_ema"][k], v, atol=1e-6, rtol=0)
+    with pytest.raises(SystemExit):
+        main.cli(tiny(env, tmp_path / "bad", "--ema_warmup_offset", "1"))
+    assert "--ema_warmup_offset 1.0 must exceed 1" in capsys.readouterr().err

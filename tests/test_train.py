@@ -94,7 +94,9 @@ def test_published_commands_parse(env, tmp_path):
     (["--load_step", "7"], "give --resume"),
     (["--only_train_diff"], "frozen encoder"),
     (["--img_size", "40"], "cannot be built"),
-    (["--min_lr", "1e-6"], "--lr_schedule cosine"),
+    (["--min_lr", "1e-6"], "--lr_schedule cosine or a --lr_cooldown"),
+    (["--lr_cooldown", "1.5"], "must lie in [0, 1]"),
+    (["--lr_cooldown", "0.2", "--lr_schedule", "cosine"], "applies to --lr_schedule constant"),
     (["--mrar", "--mrar_index", "/no/index"], "MRAR index"),
     (["--vae_path", "/no/vae.ckpt"], "is not a file"),
     (["--online_eval", "--fid_stats", "/no/stats.npz"], "evaluation cannot run"),
@@ -124,6 +126,11 @@ def test_lr_schedule():
     assert [lr_at(e, args) for e in (0, 5, 10, 50)] == [0.0, 0.5, 1.0, 1.0]
     args.lr_schedule, args.min_lr = "cosine", 0.1
     assert lr_at(60, args) == pytest.approx(0.55) and lr_at(110, args) == pytest.approx(0.1)
+    # warmup-stable-decay: constant until the last 20% of the 110 planned epochs, then linear to --min_lr
+    args.lr_schedule, args.lr_cooldown, args.min_lr = "constant", 0.2, None
+    assert [lr_at(e, args) for e in (5, 88, 99, 110)] == pytest.approx([0.5, 1.0, 0.5, 0.0])
+    args.min_lr = 0.1
+    assert lr_at(99, args) == pytest.approx(0.55) and lr_at(110, args) == pytest.approx(0.1)
 
 
 def test_released_adamw_grouping_and_frozen_parts():

@@ -6,10 +6,10 @@ import math
 import numpy as np
 import torch
 
-# EMA warm-up: update n (from 0) uses min(rate, (1 + n) / (WARMUP_OFFSET + n)), so the first update keeps
-# 1 / WARMUP_OFFSET of the random start and the average spans about n / (WARMUP_OFFSET - 1) recent steps until the
-# set rate takes over (the schedule of several diffusion codebases)
-WARMUP_OFFSET = 10
+# EMA warm-up with offset K: update n (from 0) uses min(rate, (1 + n) / (K + n)), so the first update keeps 1 / K of
+# the random start and the average spans about n / (K - 1) recent steps until the set rate takes over. K = 10 is
+# the schedule of several diffusion codebases (`warmup=True`); a larger K follows the raw weights more closely.
+WARMUP_OFFSET = 10.0
 # fewer steps than this many EMA horizons (1 / (1 - rate) steps) leave more than e^-3 (5%) of the start weights
 MIN_HORIZONS = 3
 
@@ -34,10 +34,22 @@ def build_adamw(model, lr, weight_decay, exclude=(), betas=(0.9, 0.95)):
     return torch.optim.AdamW(param_groups(model, weight_decay, set(exclude)), lr=lr, betas=betas)
 
 
+def warmup_offset(warmup):
+    """K of a `warmup` given as False (none: 0), True (WARMUP_OFFSET) or K itself (> 1)."""
+    if warmup is True:
+        return WARMUP_OFFSET
+    if not warmup:
+        return 0.0
+    if warmup <= 1:
+        raise ValueError(f"an EMA warm-up offset must exceed 1, got {warmup}")
+    return float(warmup)
+
+
 def ema_rates(rate, warmup, first, count):
-    """The rates of EMA updates first .. first + count - 1 (float64 array)."""
+    """The rates of EMA updates first .. first + count - 1 (float64 array); `warmup` as in `warmup_offset`."""
     n = np.arange(first, first + count, dtype=np.float64)
-    return np.minimum(rate, (1.0 + n) / (WARMUP_OFFSET + n)) if warmup else np.full(count, float(rate))
+    k = warmup_offset(warmup)
+    return np.minimum(rate, (1.0 + n) / (k + n)) if k else np.full(count, float(rate))
 
 
 def start_share(rate, warmup, steps):
@@ -61,9 +73,9 @@ def short_run_warning(rate, warmup, steps):
 
 class EMA:
     """fp32 shadow of every parameter, updated after each optimizer step. `state_dict()` has the model's
-    keys (buffers copied from the model), so it is the released `model_ema` entry. With `warmup` the rate of
-    update n is min(rate, (1 + n) / (WARMUP_OFFSET + n)); `updates` counts the updates made (a resumed run sets
-    it to its optimizer step)."""
+    keys (buffers copied from the model), so it is the released `model_ema` entry. With `warmup` (True, or an
+    offset K) the rate of update n is min(rate, (1 + n) / (K + n)); `updates` counts the updates made (a resumed
+    run sets it to its optimizer step)."""
 
     def __init__(self, model, rate, warmup=False):
         self.rate, self.warmup, self.updates = rate, warmup, 0

@@ -133,6 +133,21 @@ def test_lr_schedule():
     assert lr_at(99, args) == pytest.approx(0.55) and lr_at(110, args) == pytest.approx(0.1)
 
 
+def test_cooldown_follows_the_plan_and_a_longer_plan_is_told(env, tmp_path):
+    out = tmp_path / "run"
+    main.cli(tiny(env, out, "--lr", "1e-3", "--lr_cooldown", "0.5", "--warmup_epochs", "0"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = len(rows) // 2  # steps per epoch: the rate holds for epoch 1, then falls to 0 over epoch 2
+    assert {r["lr"] for r in rows[:per_epoch]} == {1e-3}
+    assert [r["lr"] for r in rows[per_epoch:]] == sorted((r["lr"] for r in rows[per_epoch:]), reverse=True)
+    assert rows[-1]["lr"] == pytest.approx(1e-3 / per_epoch)
+    main.cli(tiny(env, out, "--lr", "1e-3", "--lr_cooldown", "0.5", "--warmup_epochs", "0", "--epochs", "3"))
+    assert "its learning rate now follows --epochs 3 with --lr_cooldown 0.5" in (out / "log.txt").read_text()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the new plan cools down over its last 1.5 epochs: the third epoch starts 1 epoch from the end
+    assert len(rows) == 3 * per_epoch and rows[2 * per_epoch]["lr"] == pytest.approx(1e-3 / 1.5)
+
+
 def test_released_adamw_grouping_and_frozen_parts():
     model = build_model("transdiff_tiny", img_size=32, class_num=10)
     excluded = engine.set_trainable(model, SimpleNamespace(only_train_diff=False, label_drop_prob=0.1))

@@ -162,11 +162,13 @@ def build_data(args, dist):
     if args.mrar:
         root = args.cached_path if args.use_cached else data.resolve_train_dir(args.data_path)
         dataset, classes = data.mrar_dataset(args.mrar_index, root, args.class_num, seed, args.img_size,
-                                             cached=args.use_cached, hflip=args.hflip)
+                                             cached=args.use_cached, hflip=args.hflip,
+                                             in_memory=getattr(args, "images_in_memory", False))
     elif args.use_cached:
         dataset, classes = data.cached_folder(args.cached_path, args.class_num, seed, hflip=args.hflip)
     else:
-        dataset, classes = data.image_folder(args.data_path, args.img_size, args.class_num, seed, hflip=args.hflip)
+        dataset, classes = data.image_folder(args.data_path, args.img_size, args.class_num, seed, hflip=args.hflip,
+                                             in_memory=getattr(args, "images_in_memory", False))
     if args.use_cached:  # a cache of another resolution or tokenizer must not train silently
         x = dataset[0][0]
         stride, embed_dim = tokenizer_geometry(args)

@@ -109,6 +109,9 @@ def get_args_parser():
                                          f"<data_path>/{data.MRAR_INDEX_NAME})")
     a("--hflip", action=argparse.BooleanOptionalAction, default=True,
       help="random horizontal flips (published); off for data whose mirror image is no sample (digits)")
+    a("--images_in_memory", action="store_true",
+      help="decode each training image once per process and keep it (small data sets such as the digits; with "
+           "--num_workers 0 no loader process is needed)")
     a("--num_workers", type=int, default=None, help="loader processes per process (default: 10, at most the CPU "
                                                     "cores per process)")
     a("--threads", type=int, default=None, help="CPU threads per process for torch's operators (default: torch's, "
@@ -222,6 +225,8 @@ def check_args(parser, args):
     need(0.0 <= args.ema_rate < 1.0, "--ema_rate must lie in [0, 1)")
     need(args.ema_warmup_offset > 1.0, f"--ema_warmup_offset {args.ema_warmup_offset} must exceed 1 (10: the usual "
                                        "warm-up)")
+    need(not (args.images_in_memory and args.use_cached),
+         "--images_in_memory keeps decoded images, but --use_cached trains on cached latents: drop one of them")
     need(0.0 <= args.lr_cooldown <= 1.0, f"--lr_cooldown {args.lr_cooldown} must lie in [0, 1] (a fraction of "
                                          "--epochs)")
     need(args.lr_cooldown == 0 or args.lr_schedule == "constant", "--lr_cooldown applies to --lr_schedule constant")

@@ -88,6 +88,23 @@ def test_loader_is_the_same_with_workers(folder):
         assert torch.equal(x0, x1) and torch.equal(y0, y1) and torch.equal(s0, s1)
 
 
+def test_images_in_memory_give_the_same_samples_and_decode_once(folder, monkeypatch):
+    plain, _ = data.image_folder(folder, 32, 10, seed=1)
+    kept, _ = data.image_folder(folder, 32, 10, seed=1, in_memory=True)
+    decoded = []
+    load = data.load_rgb
+    monkeypatch.setattr(data, "load_rgb", lambda path: decoded.append(path) or load(path))
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        kept.set_epoch(epoch)
+        for i in range(len(kept)):  # the augmentation runs on every read: epoch 1 crops and flips anew
+            a, b = plain[i], kept[i]
+            assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+    readable = len(kept) - 1  # the broken file is reported and skipped, and never kept
+    assert len(kept.read.keywords["load"].images) == readable
+    assert len(decoded) == readable + 2  # each readable file once; the broken one at its read in each epoch
+
+
 def test_mrar_index_builder_and_dataset(folder, tmp_path):
     out = tmp_path / "index.txt"
     build_index(["--data_path", str(folder), "--output", str(out), "--seed", "7", "--repeats", "2"])

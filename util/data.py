@@ -193,8 +193,23 @@ def center_crop_arr(img, size):
     return Image.fromarray(arr[y:y + size, x:x + size])
 
 
-def read_image(path, rng, size, hflip=True):
-    return to_tensor(random_crop_flip(load_rgb(path), size, rng, hflip))
+class DecodedImages:
+    """`load_rgb` that decodes each file once per process and keeps the decoded image: for data sets small enough
+    to hold in memory (the digits: 3,000 images, 7 MB), read without loader processes (--num_workers 0). The
+    augmentation still runs on every read, so the samples are those of `load_rgb`."""
+
+    def __init__(self):
+        self.images = {}
+
+    def __call__(self, path):
+        img = self.images.get(path)
+        if img is None:
+            img = self.images[path] = load_rgb(path)
+        return img
+
+
+def read_image(path, rng, size, hflip=True, load=load_rgb):
+    return to_tensor(random_crop_flip(load(path), size, rng, hflip))
 
 
 def read_moments(path, rng, hflip=True):
@@ -242,13 +257,17 @@ class TrainSamples(Dataset):
                            f"check the data folder")
 
 
-def image_folder(data_path, img_size, class_num=None, seed=0, hflip=True):
+def image_loader(in_memory):
+    return DecodedImages() if in_memory else load_rgb
+
+
+def image_folder(data_path, img_size, class_num=None, seed=0, hflip=True, in_memory=False):
     root = resolve_train_dir(data_path)
     classes = find_classes(root, class_num)
     items = scan_folder(root, classes, IMG_EXTENSIONS)
     check_no_empty_class(items, classes, root, "images")
     note_class_count(classes, class_num, root)
-    read = partial(read_image, size=img_size, hflip=hflip)
+    read = partial(read_image, size=img_size, hflip=hflip, load=image_loader(in_memory))
     return TrainSamples(items, read, seed, f"images under {root}"), classes
 
 
@@ -261,7 +280,8 @@ def cached_folder(cached_path, class_num=None, seed=0, hflip=True):
     return TrainSamples(items, read, seed, f"cached latents (.npz) under {cached_path}"), classes
 
 
-def mrar_dataset(index_file, root, class_num=None, seed=0, img_size=None, cached=False, hflip=True):
+def mrar_dataset(index_file, root, class_num=None, seed=0, img_size=None, cached=False, hflip=True,
+                 in_memory=False):
     """Rows of four same-class images (or their cached moments, `<root>/<synset>/<name>.npz`)."""
     classes = find_classes(root, class_num)
     class_id = {c: i for i, c in enumerate(classes)}
@@ -273,7 +293,8 @@ def mrar_dataset(index_file, root, class_num=None, seed=0, img_size=None, cached
         items.append(([os.path.join(root, cate, f + (".npz" if cached else "")) for f in files], class_id[cate]))
     check_index_files(index_file, items, root)
     note_class_count(classes, class_num, root)
-    read = partial(read_moments, hflip=hflip) if cached else partial(read_image, size=img_size, hflip=hflip)
+    read = partial(read_moments, hflip=hflip) if cached else partial(read_image, size=img_size, hflip=hflip,
+                                                                     load=image_loader(in_memory))
     return TrainSamples(items, read, seed, f"MRAR rows of {index_file}"), classes
 
 

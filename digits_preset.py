@@ -50,11 +50,10 @@ GRID_NAME, REPORT_NAME = "samples_grid.png", "digits_quality.json"
 # 32 rows). A preset's batch is global (`per_process_batch`): each process trains on one thread, which is as fast
 # as two for a model this small, and decodes the few thousand digits once and keeps them (no loader process to
 # share the cores with), so `torchrun --nproc_per_node 2` uses both cores of a 2-core machine for the same recipe
-# (docs/quick_start.md). The 1-Step preset cools its learning rate
-# down over the last 20% of its epochs, and its EMA warm-up (offset 50) follows the raw weights closely, so short
-# and long runs alike sample weights at least as good as the raw ones (docs/ema.md). Each preset's cfg is the one
-# with the lowest FD among those whose digits the judge reads >= 95% right (higher cfg: more readable, less
-# diverse digits).
+# (docs/quick_start.md). The 1-Step preset cools its learning rate down over the last 20% of its epochs, and its
+# EMA warm-up (offset 50) follows the raw weights closely, so short and long runs alike sample weights as good as
+# the raw ones (docs/ema.md). Each preset's cfg is the one with the lowest FD among those whose digits the judge
+# reads >= 95% right (higher cfg: more readable, less diverse digits).
 _COMMON = dict(
     tokenizer="pixel", pixel_patch=8, pixel_channels=1, img_size=32, class_num=10, data_path="data/digits",
     hflip=False, model="transdiff_tiny", diffloss_w=128, diffloss_d=2, buffer_size=16, patch_size=1,

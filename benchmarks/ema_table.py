@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import digits_preset as digits  # noqa: E402
+import main as train_main  # noqa: E402
 from util.checkpoint import save_json  # noqa: E402
 
 WORK = os.path.join("output", "ema_table")
@@ -40,12 +41,8 @@ def report_path(label, which, epochs):
 
 def length_dependent(extra):
     """Whether the learning rate of `main.py --preset digits <extra>` depends on --epochs."""
-    flags = dict(digits.PRESETS["digits"])
-    words = [w for flag in extra for w in flag.split("=", 1)]
-    for flag, value in zip(words, words[1:]):
-        if flag in ("--lr_cooldown", "--lr_schedule"):
-            flags[flag[2:]] = value
-    return float(flags.get("lr_cooldown", 0) or 0) > 0 or flags.get("lr_schedule", "constant") != "constant"
+    args = train_main.parse_args(train_main.get_args_parser(), ["--preset", "digits", *extra])
+    return args.lr_cooldown > 0 or args.lr_schedule != "constant"
 
 
 def run_label(label, lengths, raw_at, extra):
